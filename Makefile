@@ -1,0 +1,58 @@
+# Two commands set everything up on a fresh machine:
+#   make dissect   # venv, embedded probe data and model, then the pipeline
+#   make test      # venv, then the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL ?= default
+DATASET ?= default
+ARGS ?=
+DATA := data
+SYNTHETIC := $(DATA)/synthetic_broden
+EMBEDDED := $(DATA)/embedded_model
+
+# The embedded defaults are built only when they are used.
+PREREQS := $(STAMP)
+ifeq ($(DATASET),default)
+PREREQS += $(SYNTHETIC)/index.csv
+endif
+ifeq ($(MODEL),default)
+PREREQS += $(EMBEDDED)/model.pt
+endif
+
+.PHONY: dissect test test-slow venv data model benchmarks clean-results
+
+dissect: $(PREREQS)
+	$(BIN)/python -m dissect model=$(MODEL) dataset=$(DATASET) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+venv: $(STAMP)
+
+# pip resolves torch and torchvision together from the package registry.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+data: $(SYNTHETIC)/index.csv
+
+$(SYNTHETIC)/index.csv: | $(STAMP)
+	$(BIN)/python -m data_prep synthetic --out $(SYNTHETIC)
+
+model: $(EMBEDDED)/model.pt
+
+$(EMBEDDED)/model.pt: $(SYNTHETIC)/index.csv
+	$(BIN)/python -m data_prep train-embedded --data $(SYNTHETIC) --out $(EMBEDDED)
+
+benchmarks: $(STAMP)
+	$(BIN)/python benchmarks/extract.py
+
+clean-results:
+	rm -rf results

@@ -1,0 +1,129 @@
+"""Train the embedded default model (``dissect.embedded_model.SmallCNN``) on the generated probe set.
+
+The task is the image's whole-image label: its scene for scene images, its
+texture for texture images. Images of split ``train`` are used for training,
+``val`` for the held-out accuracy, which is printed and written with the class
+list to ``metrics.json`` beside the weights (``model.pt``, a plain state_dict).
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from dissect.artifacts import write_json_atomic
+from dissect.broden import BrodenDataset
+from dissect.embedded_model import SmallCNN
+from dissect.probe import Preprocessing
+
+#: Must match conf/model/default.yaml (input_size, mean, std).
+PREPROCESSING = Preprocessing(input_size=224, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Images (N, 3, S, S) uint8, class indices (N,), split flags (N,) and class names."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    is_train: np.ndarray
+    class_names: list[str]
+
+
+def whole_image_class(broden: BrodenDataset, i: int) -> int:
+    """The global label number of image i's scene, else its texture (the generator gives one of them)."""
+    labels = broden.image_labels(i, "scene") or broden.image_labels(i, "texture")
+    if not labels:
+        raise ValueError(f"image {broden.image_ids[i]} has neither a scene nor a texture label")
+    return labels[0]
+
+
+def load_labelled_images(root: Path) -> LabelledImages:
+    """Decode every image of the Broden directory at the model's input size and attach its class."""
+    broden = BrodenDataset(root)
+    numbers = [whole_image_class(broden, i) for i in range(len(broden))]
+    classes = sorted(set(numbers))
+    size = PREPROCESSING.input_size
+    images = torch.empty(len(broden), 3, size, size, dtype=torch.uint8)
+    for i in tqdm(range(len(broden)), desc="decode", unit="img"):
+        with Image.open(broden.image_path(i)) as image:
+            images[i] = PREPROCESSING.load(image)
+    targets = torch.tensor([classes.index(n) for n in numbers])
+    is_train = np.array([split == "train" for split in broden.splits])
+    names = [broden.label_names[n] for n in classes]
+    return LabelledImages(images, targets, is_train, names)
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, batch_size: int = 128) -> float:
+    """Share of images (N, 3, S, S) uint8 whose arg-max logit is the target."""
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for begin in range(0, len(images), batch_size):
+            logits = model(PREPROCESSING.normalise(images[begin:begin + batch_size]))
+            correct += int((logits.argmax(1) == targets[begin:begin + batch_size]).sum())
+    return correct / max(1, len(images))
+
+
+def train(data: LabelledImages, epochs: int, lr: float, seed: int, batch_size: int = 64) -> tuple[SmallCNN, list[float]]:
+    """SGD with momentum and a cosine schedule; returns the model and the mean loss of each epoch."""
+    torch.manual_seed(seed)
+    model = SmallCNN(num_classes=len(data.class_names))
+    train_images = data.images[data.is_train]
+    train_targets = data.targets[data.is_train]
+    optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    steps = epochs * (len(train_images) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=max(1, steps))
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(train_images), generator=generator)
+        epoch_losses = []
+        bar = tqdm(range(len(train_images) // batch_size), desc=f"epoch {epoch + 1}/{epochs}", unit="batch")
+        for step in bar:
+            batch = order[step * batch_size:(step + 1) * batch_size]
+            images = train_images[batch]
+            flip = torch.rand(len(batch), generator=generator) < 0.5
+            images[flip] = images[flip].flip(-1)
+            loss = nn.functional.cross_entropy(model(PREPROCESSING.normalise(images)), train_targets[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            epoch_losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(epoch_losses[-20:]):.3f}")
+        losses.append(float(np.mean(epoch_losses)))
+    return model.eval(), losses
+
+
+def train_embedded(data_root: Path, out_dir: Path, epochs: int = 6, lr: float = 0.05, seed: int = 0) -> dict:
+    """Train, evaluate on the held-out split, write model.pt and metrics.json; return the metrics."""
+    started = time.perf_counter()
+    data = load_labelled_images(data_root)
+    model, losses = train(data, epochs=epochs, lr=lr, seed=seed)
+    held_out = ~data.is_train
+    metrics = {
+        "held_out_accuracy": accuracy(model, data.images[held_out], data.targets[held_out]),
+        "train_accuracy": accuracy(model, data.images[data.is_train], data.targets[data.is_train]),
+        "chance_accuracy": float(np.bincount(data.targets[held_out].numpy()).max() / held_out.sum()),
+        "classes": data.class_names,
+        "num_classes": len(data.class_names),
+        "epochs": epochs,
+        "lr": lr,
+        "seed": seed,
+        "epoch_losses": losses,
+        "train_images": int(data.is_train.sum()),
+        "held_out_images": int(held_out.sum()),
+        "data": str(data_root),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out_dir / "model.pt")
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,34 @@
+"""``python -m dissect [hydra overrides]``: run the dissection pipeline."""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from dissect.broden import BrodenFormatError
+from dissect.extract import ExtractError
+from dissect.layers import UnknownLayerError
+from dissect.models import ModelLoadError
+from dissect.pipeline import ConfigError, run_pipeline
+from dissect.probe import ProbeSetError
+
+#: Errors caused by the user's input: reported in one line, without a traceback.
+USER_ERRORS = (BrodenFormatError, ConfigError, ExtractError, ModelLoadError, ProbeSetError, UnknownLayerError)
+
+log = logging.getLogger("dissect")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        outputs = run_pipeline(cfg)
+    except USER_ERRORS as error:
+        log.error("%s", error)
+        sys.exit(2)
+    for stage, path in outputs.items():
+        print(f"{stage}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The Hydra configuration and the stage runner."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, tiny_overrides
+from dissect.pipeline import STAGES, ConfigError, selected_stages
+
+
+def test_every_model_config_composes(compose_config):
+    for model, size, layers in (("alexnet", 227, ["features.10", "classifier.4"]),
+                                ("resnet18", 224, ["layer4", "avgpool"]),
+                                ("default", 224, ["features.conv3", "features.conv4", "classifier.fc1"])):
+        cfg = compose_config([f"model={model}"])
+        assert cfg.model.input_size == size
+        assert list(cfg.layers) == layers
+        assert cfg.out_dir == f"results/{cfg.model.name}-synthetic"
+    assert compose_config(["dataset=broden"]).dataset.kind == "broden"
+
+
+def test_stage_selection_keeps_pipeline_order_and_rejects_unknown_names():
+    assert selected_stages("all") == list(STAGES)
+    assert selected_stages(["extract"]) == ["extract"]
+    with pytest.raises(ConfigError, match="allowed: all, or a list of extract"):
+        selected_stages(["extract", "tally_typo"])
+
+
+def test_cli_reports_an_unknown_layer_in_one_line(image_folder, tiny_checkpoint, tmp_path):
+    overrides = tiny_overrides(image_folder, tmp_path / "run", tiny_checkpoint) + ["layers=[features.conv9]"]
+    result = subprocess.run([sys.executable, "-m", "dissect", *overrides], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "features.conv9" in result.stderr + result.stdout
+    assert "features.conv2" in result.stderr + result.stdout  # a valid name nearby is suggested
+    assert "Traceback" not in result.stderr
