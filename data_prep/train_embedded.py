@@ -71,12 +71,12 @@ def accuracy(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, batc
 
 
 def train(data: LabelledImages, epochs: int, lr: float, seed: int, batch_size: int = 64) -> tuple[SmallCNN, list[float]]:
-    """SGD with momentum and a cosine schedule; returns the model and the mean loss of each epoch."""
+    """AdamW with a one-cycle schedule; returns the model and the mean loss of each epoch."""
     torch.manual_seed(seed)
     model = SmallCNN(num_classes=len(data.class_names))
     train_images = data.images[data.is_train]
     train_targets = data.targets[data.is_train]
-    optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * (len(train_images) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=max(1, steps))
     generator = torch.Generator().manual_seed(seed)
@@ -102,7 +102,7 @@ def train(data: LabelledImages, epochs: int, lr: float, seed: int, batch_size: i
     return model.eval(), losses
 
 
-def train_embedded(data_root: Path, out_dir: Path, epochs: int = 6, lr: float = 0.05, seed: int = 0) -> dict:
+def train_embedded(data_root: Path, out_dir: Path, epochs: int = 8, lr: float = 3e-3, seed: int = 0) -> dict:
     """Train, evaluate on the held-out split, write model.pt and metrics.json; return the metrics."""
     started = time.perf_counter()
     data = load_labelled_images(data_root)

@@ -12,9 +12,12 @@ from dissect.layers import UnknownLayerError
 from dissect.models import ModelLoadError
 from dissect.pipeline import ConfigError, run_pipeline
 from dissect.probe import ProbeSetError
+from dissect.tally import TallyError, summary_table
+from dissect.thresholds import ThresholdsError
 
 #: Errors caused by the user's input: reported in one line, without a traceback.
-USER_ERRORS = (BrodenFormatError, ConfigError, ExtractError, ModelLoadError, ProbeSetError, UnknownLayerError)
+USER_ERRORS = (BrodenFormatError, ConfigError, ExtractError, ModelLoadError, ProbeSetError, TallyError,
+               ThresholdsError, UnknownLayerError)
 
 log = logging.getLogger("dissect")
 
@@ -28,6 +31,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     for stage, path in outputs.items():
         print(f"{stage}: {path}")
+    if "tally" in outputs:
+        print(summary_table(outputs["tally"], [str(layer) for layer in cfg.layers]))
 
 
 if __name__ == "__main__":

@@ -160,6 +160,7 @@ def run(cfg: DictConfig) -> Path:
         "preprocessing": preprocessing.description(),
         "probe_set": probe.description(),
         "image_ids_sha": _ids_digest(probe.image_ids),
+        "checkpoint_sha": _file_digest(loaded.description.get("checkpoint")),
         "batch_size": batch_size,
         "chunk_mib": float(cfg.extract.chunk_mib),
     }
@@ -367,6 +368,17 @@ def _set_store_attributes(store_path: Path, loaded: LoadedModel, specs: list[Lay
         "extract": OmegaConf.to_container(cfg.extract, resolve=True),
         "complete": False,
     })
+
+
+def _file_digest(path: str | None) -> str | None:
+    """SHA-256 of a checkpoint file, so that retrained weights at the same path are noticed on resume."""
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _ids_digest(image_ids: list[str]) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
-from dissect import extract
+from dissect import extract, tally, thresholds
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,8 @@ Stage = Callable[[DictConfig], Path]
 #: Every stage, in pipeline order.
 STAGES: dict[str, Stage] = {
     "extract": extract.run,
+    "thresholds": thresholds.run,
+    "tally": tally.run,
 }
 
 

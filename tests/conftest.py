@@ -84,3 +84,22 @@ def compose_config() -> Callable[[list[str]], DictConfig]:
             return compose(config_name="config", overrides=overrides)
 
     return _compose
+
+
+def write_activation_store(run_dir: Path, image_ids: list[str], maps: dict[str, np.ndarray],
+                           valid: np.ndarray | None = None) -> Path:
+    """An extract-stage store written by hand: maps[layer] is (N, U, h, w); maxima are computed here."""
+    import zarr
+
+    root = zarr.open_group(run_dir / "activations.zarr", mode="w")
+    ids = root.create_array("image_ids", shape=(len(image_ids),), dtype=str)
+    ids[:] = np.array(image_ids, dtype=object)
+    root.create_array("valid", data=np.ones(len(image_ids), bool) if valid is None else valid)
+    layers = {}
+    for name, values in maps.items():
+        group = root.require_group(name)
+        group.create_array("maps", data=values.astype(np.float16), chunks=(7, *values.shape[1:]))
+        group.create_array("maxima", data=values.astype(np.float16).max(axis=(2, 3)).astype(np.float32))
+        layers[name] = {"kind": "map", "shape": list(values.shape[1:]), "module": "Conv2d"}
+    root.attrs.update({"layers": layers, "layer_order": list(maps), "complete": True})
+    return run_dir

@@ -1,0 +1,123 @@
+"""Hand-built models whose units detect chosen concepts of the generated probe set.
+
+``PlantedDetectors`` computes, for each input image, a few per-pixel responses
+from first principles (no learning) and average-pools them by ``stride`` to a
+(N, U, S/stride, S/stride) map, which it passes through an ``nn.Identity``
+named ``units`` (the layer to record: ``layers=[units]``). Each response is
+graded, not flat, so that the top-quantile threshold of the dissection falls
+inside the planted concept and the fired mask grows from its most typical
+pixels outwards:
+
+- a *colour unit* per colour name: ``exp(-d^2 / s^2)`` with ``d`` the distance
+  of the pixel's RGB (in [0, 1]) to the generator's RGB of that colour
+  (``data_prep.synthetic_broden.COLORS``);
+- a *stripe unit* (texture ``striped``), rotation invariant: the coherence of
+  the local colour structure tensor, ``sqrt((Jxx - Jyy)^2 + 4 Jxy^2) / (Jxx +
+  Jyy + eps)`` with J the Sobel gradient outer products summed over RGB and
+  smoothed by a Gaussian window wider than a stripe period, raised to a power
+  and weighted by a log edge-energy term. Stripes are one-dimensional
+  everywhere; chequers, grids, dots and zigzags have edges in two directions
+  inside any such window, and flat regions have no edge energy.
+
+The model expects RGB in [0, 1]: use ``model.mean=[0,0,0] model.std=[1,1,1]``.
+Unit order is ``UNIT_CONCEPTS``-like: the colour units in the order given,
+then the stripe unit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from data_prep.synthetic_broden import COLORS
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    """1-D normalised Gaussian of standard deviation sigma (pixels), radius 3 sigma."""
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def _blur(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of (N, C, H, W) maps with reflect padding (no border edges)."""
+    channels = maps.shape[1]
+    radius = (len(kernel) - 1) // 2
+    k = kernel.to(maps)
+    horizontal = k.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+    vertical = k.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
+    maps = F.conv2d(F.pad(maps, (radius, radius, 0, 0), mode="reflect"), horizontal, groups=channels)
+    return F.conv2d(F.pad(maps, (0, 0, radius, radius), mode="reflect"), vertical, groups=channels)
+
+
+class PlantedDetectors(nn.Module):
+    """Colour units and a stripe-texture unit; record the layer ``units`` (output (N, U, S/stride, S/stride)).
+
+    Args:
+        colors: colour label names of the generated set, one colour unit each.
+        color_scale: ``s`` of the colour units, in RGB units of [0, 1].
+        stripes: whether to add the stripe unit (last).
+        stride: average-pooling stride from pixels to the unit maps.
+        window: standard deviation of the structure-tensor window, in map cells.
+        coherence_power: exponent of the coherence in the stripe response.
+        energy_scale: edge energy (sum of squared colour Sobel gradients) at which the
+            log energy term reaches log(2).
+    """
+
+    def __init__(self, colors: tuple[str, ...] | list[str] = ("red-c", "yellow-c"), color_scale: float = 0.15,
+                 stripes: bool = True, stride: int = 4, window: float = 4.0, coherence_power: float = 4.0,
+                 energy_scale: float = 0.001, presmooth: float = 1.5) -> None:
+        super().__init__()
+        unknown = [name for name in colors if name not in COLORS]
+        if unknown:
+            raise ValueError(f"unknown colour(s) {unknown}; allowed: {list(COLORS)}")
+        self.color_names = list(colors)
+        self.register_buffer("color_rgb", torch.tensor([COLORS[name] for name in colors], dtype=torch.float32) / 255)
+        self.color_scale = float(color_scale)
+        self.stripes = bool(stripes)
+        self.stride = int(stride)
+        self.coherence_power = float(coherence_power)
+        self.energy_scale = float(energy_scale)
+        sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
+        self.register_buffer("sobel", torch.stack([sobel, sobel.T])[:, None])  # (2, 1, 3, 3): d/dx, d/dy
+        self.register_buffer("window", _gaussian_kernel(window))
+        self.presmooth = _gaussian_kernel(presmooth) if presmooth > 0 else None
+        self.units = nn.Identity()
+
+    @property
+    def unit_concepts(self) -> list[str]:
+        """The planted concept of each unit, in unit order."""
+        return self.color_names + (["striped"] if self.stripes else [])
+
+    def color_responses(self, rgb: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) RGB in [0, 1] -> (N, C, H, W) per-pixel closeness to each colour."""
+        diff = rgb[:, None] - self.color_rgb.to(rgb)[None, :, :, None, None]
+        return torch.exp(-diff.pow(2).sum(dim=2) / self.color_scale**2)
+
+    def stripe_response(self, rgb: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) RGB in [0, 1] -> (N, 1, H/stride, W/stride) stripe response (coherence x log energy)."""
+        n, c, h, w = rgb.shape
+        if self.presmooth is not None:
+            rgb = _blur(rgb, self.presmooth)
+        padded = F.pad(rgb.reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="reflect")
+        grad = F.conv2d(padded, self.sobel.to(rgb)).reshape(n, c, 2, h, w)
+        gx, gy = grad[:, :, 0], grad[:, :, 1]
+        tensor = torch.stack([(gx * gx).sum(1), (gy * gy).sum(1), (gx * gy).sum(1)], dim=1)  # (N, 3, H, W)
+        tensor = _blur(F.avg_pool2d(tensor, self.stride), self.window)
+        jxx, jyy, jxy = tensor[:, 0], tensor[:, 1], tensor[:, 2]
+        energy = jxx + jyy
+        coherence = torch.sqrt((jxx - jyy) ** 2 + 4 * jxy**2) / (energy + self.energy_scale)
+        response = coherence.clamp(0, 1) ** self.coherence_power
+        return response[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) RGB in [0, 1] -> (N, U, H/stride, W/stride) unit maps (recorded at ``units``)."""
+        x = x.float()
+        maps = [F.avg_pool2d(self.color_responses(x), self.stride)]
+        if self.stripes:
+            maps.append(self.stripe_response(x))
+        return self.units(torch.cat(maps, dim=1))
