@@ -14,10 +14,11 @@ from dissect.pipeline import ConfigError, run_pipeline
 from dissect.probe import ProbeSetError
 from dissect.tally import TallyError, summary_table
 from dissect.thresholds import ThresholdsError
+from dissect.topk import TopkError
 
 #: Errors caused by the user's input: reported in one line, without a traceback.
 USER_ERRORS = (BrodenFormatError, ConfigError, ExtractError, ModelLoadError, ProbeSetError, TallyError,
-               ThresholdsError, UnknownLayerError)
+               ThresholdsError, TopkError, UnknownLayerError)
 
 log = logging.getLogger("dissect")
 

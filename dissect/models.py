@@ -43,6 +43,7 @@ CONFIG_KEYS = (
     "mean",
     "std",
     "default_layers",
+    "embed_layer",
 )
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 
@@ -102,8 +103,8 @@ def load_model(cfg: Mapping[str, Any]) -> LoadedModel:
             ``arch`` and ``weights`` (torchvision), ``checkpoint`` (local file or
             null), ``num_classes`` and ``builder_kwargs`` (extra arguments of the
             torchvision builder), ``module`` (Hydra ``_target_`` config for source
-            'target'), ``input_size``, ``mean``, ``std``; ``default_layers`` is
-            ignored.
+            'target'), ``input_size``, ``mean``, ``std``; ``default_layers`` and
+            ``embed_layer`` are used by the stages, not here.
 
     Returns:
         The model with its preprocessing and a description of how it was built.

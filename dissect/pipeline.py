@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
-from dissect import extract, tally, thresholds
+from dissect import extract, tally, thresholds, topk
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,7 @@ STAGES: dict[str, Stage] = {
     "extract": extract.run,
     "thresholds": thresholds.run,
     "tally": tally.run,
+    "topk": topk.run,
 }
 
 

@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 import zarr
 from distributed import as_completed
 from omegaconf import DictConfig
@@ -42,6 +41,7 @@ from dissect.artifacts import ACTIVATIONS, open_activations, read_json, write_js
 from dissect.broden import CATEGORIES, IMAGE_CATEGORIES, PIXEL_CATEGORIES, BrodenDataset, BrodenFormatError
 from dissect.cluster import dask_client
 from dissect.thresholds import map_layers, read_thresholds
+from dissect.upsample import fired_masks, float32_below
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +89,6 @@ def image_concepts(broden: BrodenDataset, i: int, n_labels: int) -> ImageConcept
     return ImageConcepts(labels, masks, annotated)
 
 
-def fired_masks(maps: np.ndarray, thresholds: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(Ua, h, w) maps of the active units, (Ua,) thresholds -> (Ua, sh*sw) bool, bilinear up(A) > T."""
-    upsampled = torch.nn.functional.interpolate(torch.from_numpy(maps.astype(np.float32))[None], size=size,
-                                                mode="bilinear", align_corners=False)[0]
-    fired = upsampled.double() > torch.from_numpy(thresholds).view(-1, 1, 1)
-    return fired.reshape(len(maps), -1).numpy()
-
-
 def tally_block(store_path: str, broden_root: str, layers: list[str], thresholds: dict[str, np.ndarray],
                 start: int, stop: int, strict: bool) -> dict[str, Any]:
     """Partial tally of images start..stop (runs on a dask worker).
@@ -112,6 +104,7 @@ def tally_block(store_path: str, broden_root: str, layers: list[str], thresholds
     maps = {layer: store[layer]["maps"][start:stop] for layer in layers}
     maxima = {layer: store[layer]["maxima"][start:stop] for layer in layers}
     result: dict[str, Any] = {"truth": np.zeros(n_labels + 1, dtype=np.int64), "skipped": []}
+    below = {layer: float32_below(thresholds[layer]) for layer in layers}
     for layer in layers:
         n_units = maps[layer].shape[1]
         result[f"intersection/{layer}"] = np.zeros((n_units, n_labels + 1), dtype=np.int64)
@@ -133,9 +126,9 @@ def tally_block(store_path: str, broden_root: str, layers: list[str], thresholds
             active = np.flatnonzero(maxima[layer][j] > thresholds[layer])
             if active.size == 0:
                 continue
-            fired = fired_masks(maps[layer][j, active], thresholds[layer][active], broden.mask_size(i))
+            fired = fired_masks(maps[layer][j, active], below[layer][active], broden.mask_size(i))
             result[f"activation/{layer}"][np.ix_(active, annotated)] += fired.sum(axis=1)[:, None]
-            overlap = fired.astype(np.float32) @ concept_pixels  # exact: counts stay far below 2**24
+            overlap = fired.astype(np.float32) @ concept_pixels  # exact in float32: counts stay far below 2**24
             result[f"intersection/{layer}"][np.ix_(active, concepts.labels)] += overlap.astype(np.int64)
     return result
 

@@ -62,15 +62,21 @@ class PlantedDetectors(nn.Module):
         color_scale: ``s`` of the colour units, in RGB units of [0, 1].
         stripes: whether to add the stripe unit (last).
         stride: average-pooling stride from pixels to the unit maps.
+        presmooth: standard deviation (pixels) of a Gaussian blur before the Sobel
+            gradients, which takes the generator's pixel noise out of the structure tensor.
         window: standard deviation of the structure-tensor window, in map cells.
-        coherence_power: exponent of the coherence in the stripe response.
-        energy_scale: edge energy (sum of squared colour Sobel gradients) at which the
-            log energy term reaches log(2).
+        energy_floor: added to the tensor's trace in the coherence's denominator, so that
+            flat regions (no edges) have coherence near 0.
+        gate: coherence at which the stripe response is half on (a logistic step).
+        gate_width: width of that step.
+        centre_sigma: standard deviation, in image sizes, of the Gaussian centre weighting
+            of the stripe response.
     """
 
     def __init__(self, colors: tuple[str, ...] | list[str] = ("red-c", "yellow-c"), color_scale: float = 0.15,
-                 stripes: bool = True, stride: int = 4, window: float = 4.0, coherence_power: float = 4.0,
-                 energy_scale: float = 0.001, presmooth: float = 1.5) -> None:
+                 stripes: bool = True, stride: int = 4, presmooth: float = 3.0, window: float = 12.0,
+                 energy_floor: float = 1e-5, gate: float = 0.93, gate_width: float = 0.01,
+                 centre_sigma: float = 0.35) -> None:
         super().__init__()
         unknown = [name for name in colors if name not in COLORS]
         if unknown:
@@ -80,12 +86,14 @@ class PlantedDetectors(nn.Module):
         self.color_scale = float(color_scale)
         self.stripes = bool(stripes)
         self.stride = int(stride)
-        self.coherence_power = float(coherence_power)
-        self.energy_scale = float(energy_scale)
+        self.energy_floor = float(energy_floor)
+        self.gate = float(gate)
+        self.gate_width = float(gate_width)
+        self.centre_sigma = float(centre_sigma)
         sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
         self.register_buffer("sobel", torch.stack([sobel, sobel.T])[:, None])  # (2, 1, 3, 3): d/dx, d/dy
+        self.register_buffer("presmooth", _gaussian_kernel(presmooth))
         self.register_buffer("window", _gaussian_kernel(window))
-        self.presmooth = _gaussian_kernel(presmooth) if presmooth > 0 else None
         self.units = nn.Identity()
 
     @property
@@ -94,25 +102,30 @@ class PlantedDetectors(nn.Module):
         return self.color_names + (["striped"] if self.stripes else [])
 
     def color_responses(self, rgb: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) RGB in [0, 1] -> (N, C, H, W) per-pixel closeness to each colour."""
+        """(N, 3, H, W) RGB in [0, 1] -> (N, C, H, W) per-pixel closeness exp(-d^2 / s^2) to each colour."""
         diff = rgb[:, None] - self.color_rgb.to(rgb)[None, :, :, None, None]
         return torch.exp(-diff.pow(2).sum(dim=2) / self.color_scale**2)
 
-    def stripe_response(self, rgb: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) RGB in [0, 1] -> (N, 1, H/stride, W/stride) stripe response (coherence x log energy)."""
+    def coherence(self, rgb: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) RGB in [0, 1] -> (N, H/stride, W/stride) coherence of the smoothed colour structure tensor."""
         n, c, h, w = rgb.shape
-        if self.presmooth is not None:
-            rgb = _blur(rgb, self.presmooth)
-        padded = F.pad(rgb.reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="reflect")
+        smooth = _blur(rgb, self.presmooth)
+        padded = F.pad(smooth.reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="reflect")
         grad = F.conv2d(padded, self.sobel.to(rgb)).reshape(n, c, 2, h, w)
         gx, gy = grad[:, :, 0], grad[:, :, 1]
         tensor = torch.stack([(gx * gx).sum(1), (gy * gy).sum(1), (gx * gy).sum(1)], dim=1)  # (N, 3, H, W)
         tensor = _blur(F.avg_pool2d(tensor, self.stride), self.window)
         jxx, jyy, jxy = tensor[:, 0], tensor[:, 1], tensor[:, 2]
-        energy = jxx + jyy
-        coherence = torch.sqrt((jxx - jyy) ** 2 + 4 * jxy**2) / (energy + self.energy_scale)
-        response = coherence.clamp(0, 1) ** self.coherence_power
-        return response[:, None]
+        return torch.sqrt((jxx - jyy) ** 2 + 4 * jxy**2) / (jxx + jyy + self.energy_floor)
+
+    def stripe_response(self, rgb: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) RGB in [0, 1] -> (N, 1, H/stride, W/stride): coherence step x centre weighting."""
+        coherence = self.coherence(rgb)
+        h, w = coherence.shape[-2:]
+        y = (torch.arange(h, dtype=rgb.dtype, device=rgb.device) + 0.5) / h - 0.5
+        x = (torch.arange(w, dtype=rgb.dtype, device=rgb.device) + 0.5) / w - 0.5
+        centre = torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * self.centre_sigma**2))
+        return (torch.sigmoid((coherence - self.gate) / self.gate_width) * centre)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) RGB in [0, 1] -> (N, U, H/stride, W/stride) unit maps (recorded at ``units``)."""

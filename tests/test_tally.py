@@ -181,3 +181,30 @@ def test_a_missing_mask_is_skipped_and_listed_or_stops_a_strict_run(small_run, t
     assert index.loc[victim, "color"].split(";")[0] in skipped["reason"][0]
     summary = read_json(run_dir / "features.conv3" / "summary.json")
     assert (summary["images_tallied"], summary["images_skipped"]) == (47, 1)
+
+
+@pytest.mark.parametrize(("size_in", "size_out"), [((13, 13), (113, 113)), ((7, 5), (112, 56)), ((4, 4), (4, 4))])
+def test_upsampling_matches_torch_bilinear(size_in, size_out):
+    import torch
+
+    from dissect.upsample import bilinear_matrix, fired_masks
+
+    maps = np.random.default_rng(0).normal(size=(3, *size_in)).astype(np.float32)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(maps)[None], size=size_out, mode="bilinear",
+                                               align_corners=False)[0].numpy()
+    ours = bilinear_matrix(size_in[0], size_out[0]) @ maps @ bilinear_matrix(size_in[1], size_out[1]).T
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+    thresholds = np.quantile(expected.reshape(3, -1), 0.9, axis=1).astype(np.float32)
+    fired = fired_masks(maps, thresholds, size_out)
+    disagreeing = fired != (expected > thresholds[:, None, None]).reshape(3, -1)
+    assert disagreeing.mean() < 1e-3  # only pixels within float rounding of the threshold may differ
+
+
+def test_float32_threshold_comparison_is_exact():
+    from dissect.upsample import float32_below
+
+    thresholds = np.array([0.1, 1 / 3, 2.0, -0.7], dtype=np.float64)
+    below = float32_below(thresholds)
+    for t, b in zip(thresholds, below):
+        candidates = np.array([np.nextafter(np.float32(t), np.float32(d)) for d in (-1e9, 1e9)] + [np.float32(t)])
+        np.testing.assert_array_equal(candidates > b, candidates.astype(np.float64) > t)

@@ -1,0 +1,83 @@
+"""The HTML report: built from disk, opened in headless Chromium, names escaped, size bounded."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from browser import console_errors, open_page
+from conftest import CONF_DIR, tiny_overrides
+from data_prep.synthetic_broden import generate
+from dissect import extract, tally, thresholds, topk
+from dissect.broden import CATEGORIES
+from reports.build import build_report, layer_page
+
+HOSTILE = "<script>alert(1)</script>"
+
+
+@pytest.fixture(scope="module")
+def dissected(tmp_path_factory, tiny_checkpoint):
+    """A tiny full run (extract, thresholds, tally, topk) on a generated set whose label names hold HTML."""
+    base = tmp_path_factory.mktemp("report")
+    probe = generate(base / "broden", n_images=40, size=64, seed=5, workers=1)
+    labels = pd.read_csv(probe / "label.csv", keep_default_na=False)
+    labels["name"] = labels["name"].map(lambda name: f"{HOSTILE}{name}")
+    labels.to_csv(probe / "label.csv", index=False)
+    overrides = tiny_overrides(probe, base / "run", tiny_checkpoint) + [
+        "dataset=default", f"dataset.root={probe}", "layers=[features.conv3,features.conv4]",
+        "thresholds.quantile=0.02", "topk.k=4"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    for stage in (extract, thresholds, tally, topk):
+        stage.run(cfg)
+    return base / "run", build_report(base / "run", ["features.conv3", "features.conv4"])
+
+
+def test_report_opens_without_errors_and_shows_cards_and_bar_graph(dissected, tmp_path):
+    run_dir, index = dissected
+    dom, stderr = open_page(index, screenshot=tmp_path / "index.png")
+    assert console_errors(stderr) == []
+    assert re.search(r"<pre id=\"js-errors\"></pre>", dom)
+    assert dom.count("<svg class=\"bars\"") == 2 or "No detector in this layer" in dom
+    assert "tally.csv" in dom and "summary.json" in dom
+    assert (tmp_path / "index.png").stat().st_size > 10_000
+
+    page_dom, page_stderr = open_page(index.parent / "layer-features.conv4.html",
+                                      screenshot=tmp_path / "layer.png")
+    assert console_errors(page_stderr) == []
+    table = pd.read_csv(run_dir / "features.conv4" / "tally.csv", keep_default_na=False)
+    assert len(re.findall(r"class=\"card( below)?\"", page_dom)) == len(table) == 32
+    shown = re.search(r"<span id=\"shown\">(\d+)</span>", page_dom)
+    assert shown and int(shown.group(1)) == len(table)  # the page script ran
+    first_card_iou = float(re.search(r"data-iou=\"([0-9.]+)\"", page_dom).group(1))
+    assert first_card_iou == pytest.approx(table["iou"].max(), abs=1e-6)  # sorted by IoU, best first
+    assert page_dom.count("loading=\"lazy\"") == len(table)
+
+
+def test_label_names_with_html_show_as_text(dissected):
+    run_dir, index = dissected
+    for page in (index, index.parent / "layer-features.conv4.html"):
+        dom, _ = open_page(page)
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+        assert "<script>alert(1)</script>" not in dom
+        assert dom.count("<script>") == dom.count("</script>")
+
+
+def test_a_2048_unit_layer_page_stays_small(dissected, tmp_path):
+    run_dir, _ = dissected
+    rng = np.random.default_rng(0)
+    layer_dir = tmp_path / "run" / "big"
+    layer_dir.mkdir(parents=True)
+    table = pd.DataFrame({"unit": np.arange(2048), "category": rng.choice(CATEGORIES, 2048),
+                          "label": [f"concept {k % 300}" for k in range(2048)], "iou": rng.uniform(0, 0.2, 2048)})
+    for category in CATEGORIES:
+        table[f"{category}-label"] = "some concept"
+        table[f"{category}-iou"] = 0.01
+    table.to_csv(layer_dir / "tally.csv", index=False)
+    (layer_dir / "summary.json").write_text('{"units": 2048, "detectors": 1, "iou_threshold": 0.04}')
+    html = layer_page(tmp_path / "run", "big")
+    assert len(re.findall(r"class='card( below)?'", html)) == 2048
+    assert len(html.encode()) < 3 * 2**20
