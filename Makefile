@@ -21,10 +21,14 @@ ifeq ($(MODEL),default)
 PREREQS += $(EMBEDDED)/model.pt
 endif
 
-.PHONY: dissect test test-slow venv data model benchmarks clean-results
+.PHONY: dissect report test test-slow venv data model benchmarks clean-results
 
 dissect: $(PREREQS)
 	$(BIN)/python -m dissect model=$(MODEL) dataset=$(DATASET) $(ARGS)
+
+# Rebuild the report of a finished run from disk (no model is run).
+report: $(STAMP)
+	$(BIN)/python -m dissect model=$(MODEL) dataset=$(DATASET) stages=[report] $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

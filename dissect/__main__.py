@@ -34,6 +34,8 @@ def main(cfg: DictConfig) -> None:
         print(f"{stage}: {path}")
     if "tally" in outputs:
         print(summary_table(outputs["tally"], [str(layer) for layer in cfg.layers]))
+    if "report" in outputs:
+        print(f"report: open {outputs['report'].resolve().as_uri()}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig
 
 from dissect import extract, tally, thresholds, topk
+from reports import build as report
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ STAGES: dict[str, Stage] = {
     "thresholds": thresholds.run,
     "tally": tally.run,
     "topk": topk.run,
+    "report": report.run,
 }
 
 
