@@ -6,6 +6,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from dissect.audit import AuditError
 from dissect.broden import BrodenFormatError
 from dissect.extract import ExtractError
 from dissect.layers import UnknownLayerError
@@ -17,7 +18,7 @@ from dissect.thresholds import ThresholdsError
 from dissect.topk import TopkError
 
 #: Errors caused by the user's input: reported in one line, without a traceback.
-USER_ERRORS = (BrodenFormatError, ConfigError, ExtractError, ModelLoadError, ProbeSetError, TallyError,
+USER_ERRORS = (AuditError, BrodenFormatError, ConfigError, ExtractError, ModelLoadError, ProbeSetError, TallyError,
                ThresholdsError, TopkError, UnknownLayerError)
 
 log = logging.getLogger("dissect")

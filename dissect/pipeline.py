@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
-from dissect import extract, tally, thresholds, topk
+from dissect import audit, extract, tally, thresholds, topk
 from reports import build as report
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,7 @@ STAGES: dict[str, Stage] = {
     "thresholds": thresholds.run,
     "tally": tally.run,
     "topk": topk.run,
+    "audit": audit.run,
     "report": report.run,
 }
 

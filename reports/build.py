@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from dissect.artifacts import ACTIVATIONS, read_json
 from dissect.broden import CATEGORIES
 from reports import audit_section, embed_section
+from reports.links import layer_file, unit_anchor
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +79,6 @@ def key_value_table(rows: list[tuple[str, Any]]) -> str:
     """A two-column table of escaped keys and values."""
     cells = "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(str(v))}</td></tr>" for k, v in rows)
     return f"<table class='data'>{cells}</table>"
-
-
-def layer_file(layer: str) -> str:
-    """File name of a layer's page, relative to the report directory."""
-    return f"layer-{layer}.html"
-
-
-def unit_anchor(layer: str, unit: int) -> str:
-    """Id of a unit's card on its layer page (the audit section links to it)."""
-    return f"unit-{layer}-{unit}"
 
 
 def run_section(run_dir: Path, layers: list[str]) -> str:

@@ -1,7 +1,6 @@
 """The HTML report: built from disk, opened in headless Chromium, names escaped, size bounded."""
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
