@@ -79,8 +79,7 @@ def main() -> None:
                if not path.exists()]
     if missing:
         sys.exit("missing: " + "; ".join(missing))
-    metrics_path = TRAINED.parent / "metrics.json"
-    num_classes = json.loads(metrics_path.read_text())["num_classes"] if metrics_path.exists() else 11
+    num_classes = int(compose(["model=default"]).model.module.num_classes)  # the trained model's outputs
     runs = {
         "trained": ("embedded", TRAINED, RESULTS / "embedded-synthetic"),
         "random": ("embedded_random",
@@ -93,7 +92,8 @@ def main() -> None:
         seconds[kind], layers = dissect(name, checkpoint, args.layers, out_dir)
     layers = [layer for layer in layers if (runs["trained"][2] / layer / "summary.json").exists()]  # map layers
     print(f"\nprobe set {PROBE} ; trained {TRAINED} ; random: SmallCNN seed {args.seed}")
-    print(f"pipeline seconds (stages already done are skipped): trained {seconds['trained']:.1f}, random {seconds['random']:.1f}")
+    print(f"pipeline seconds (stages already done are skipped): trained {seconds['trained']:.1f}, "
+          f"random {seconds['random']:.1f}")
     header = f"{'layer':<16} {'category':<9} {'units':>5} {'det trained':>11} {'det random':>10} " \
              f"{'uniq trained':>12} {'uniq random':>11}"
     print(header)

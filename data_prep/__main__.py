@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train = commands.add_parser("train-embedded", help="train the embedded default model on the generated set")
     train.add_argument("--data", type=Path, default=Path("data/synthetic_broden"))
     train.add_argument("--out", type=Path, default=Path("data/embedded_model"))
-    train.add_argument("--epochs", type=int, default=8)
+    train.add_argument("--epochs", type=int, default=3)
     train.add_argument("--lr", type=float, default=3e-3)
     train.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)

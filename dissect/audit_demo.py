@@ -26,24 +26,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
-from PIL import Image
-from tqdm import tqdm
 
-from data_prep.train_embedded import LabelledImages, accuracy, train, whole_image_class
+from data_prep.train_embedded import PREPROCESSING, LabelledImages, accuracy, load_labelled_images, train
 from dissect import audit, extract
 from dissect.artifacts import read_json, write_json_atomic
 from dissect.audit_compare import compare, health_remarks
-from dissect.broden import BrodenDataset
 from dissect.probe import Preprocessing
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: Must match conf/model/default.yaml (mean, std).
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+MEAN, STD = PREPROCESSING.mean, PREPROCESSING.std
 TRAINING_JSON = "training.json"
 
 
@@ -61,22 +57,6 @@ class DemoSettings:
     batch_size: int = 64
 
 
-def load_images(root: Path, n_images: int, size: int) -> LabelledImages:
-    """The first n_images images of a Broden-format set, decoded at (3, size, size) uint8, with their classes."""
-    broden = BrodenDataset(root)
-    indices = range(min(n_images, len(broden)))
-    numbers = [whole_image_class(broden, i) for i in indices]
-    classes = sorted(set(numbers))
-    preprocessing = Preprocessing(size, MEAN, STD)
-    images = torch.empty(len(indices), 3, size, size, dtype=torch.uint8)
-    for i in tqdm(indices, desc="decode", unit="img"):
-        with Image.open(broden.image_path(i)) as image:
-            images[i] = preprocessing.load(image)
-    is_train = np.array([broden.splits[i] == "train" for i in indices])
-    return LabelledImages(images, torch.tensor([classes.index(n) for n in numbers]), is_train,
-                          [broden.label_names[n] for n in classes])
-
-
 def run_name(lr: float) -> str:
     """Run directory name of a learning rate: lr-0.003, lr-0.3."""
     return f"lr-{lr:g}"
@@ -84,7 +64,7 @@ def run_name(lr: float) -> str:
 
 def training_params(settings: DemoSettings, lr: float) -> dict:
     """The settings a checkpoint was trained with (a run directory is reused only when they match)."""
-    return {"lr": lr, "epochs": settings.epochs, "n_images": settings.n_images, "size": settings.size,
+    return {"tasks": "class+presence", "lr": lr, "epochs": settings.epochs, "n_images": settings.n_images, "size": settings.size,
             "seed": settings.seed, "batch_size": settings.batch_size, "data": str(settings.data.resolve())}
 
 
@@ -99,6 +79,7 @@ def train_checkpoint(data: LabelledImages, params: dict, run_dir: Path) -> None:
     write_json_atomic(run_dir / TRAINING_JSON, {
         "params": params,
         "classes": data.class_names,
+        "num_outputs": data.num_outputs,
         "epoch_losses": losses,
         "held_out_accuracy": accuracy(model, data.images[held_out], data.targets[held_out]),
         "seconds": round(time.perf_counter() - started, 1),
@@ -134,11 +115,11 @@ def run_demo(settings: DemoSettings) -> tuple[pd.DataFrame, list[str], list[Path
             if run_dir.exists():
                 shutil.rmtree(run_dir)
             if data is None:
-                data = load_images(settings.data, settings.n_images, settings.size)
+                data = load_labelled_images(settings.data, settings.n_images, Preprocessing(settings.size, MEAN, STD))
             print(f"training SmallCNN with lr={lr:g} for {settings.epochs} epoch(s) on "
                   f"{int(data.is_train.sum())} images at {settings.size} px", flush=True)
             train_checkpoint(data, params, run_dir)
-        cfg = stage_config(settings, run_dir, len(read_json(record)["classes"]))
+        cfg = stage_config(settings, run_dir, read_json(record)["num_outputs"])
         extract.run(cfg)
         audit.run(cfg)
         run_dirs.append(run_dir)

@@ -1,0 +1,68 @@
+"""The paper's sanity result: a trained network has clearly more detectors than the same one with random weights.
+
+SmallCNN is trained briefly (train_embedded's defaults: both tasks, 3 epochs,
+lr 3e-3, seed 0) on 800 generated images (640 train) and dissected on the same
+images, like the same architecture with seeded random weights.
+
+Measured (detectors summed over features.conv3 + features.conv4, 192 units):
+trained 114 (held-out accuracy 0.27), random 21; almost all of both are colour
+detectors. With the earlier single-task training: trained 43 to 59 over three
+training seeds, random 15 to 21. Scenes, materials and sky cover too much of the
+set (13 to 19% of the pixels each) to ever reach IoU 0.04 at quantile 0.005.
+The test asks for trained >= 1.8 x random and trained - random >= 15.
+
+Caveat found while measuring: the count is not monotone in training. On the
+default set (3000 images) the embedded model has 59 detectors after 3 epochs
+but 15 after 8 (random weights: 15); see README, "Trained against random".
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from data_prep.synthetic_broden import generate
+from data_prep.train_embedded import train_embedded
+from dissect.embedded_model import SmallCNN
+from dissect.pipeline import run_pipeline
+
+N_IMAGES = 800
+LAYERS = ["features.conv3", "features.conv4"]
+MIN_RATIO = 1.8
+MIN_DIFFERENCE = 15
+
+
+def dissect(compose_config, probe: Path, checkpoint: Path, outputs: int, name: str,
+            out_dir: Path) -> dict[str, dict]:
+    cfg = compose_config(["model=default", f"model.name={name}", f"model.checkpoint={checkpoint}",
+                          f"model.module.num_classes={outputs}",
+                          f"layers=[{','.join(LAYERS)}]", "dataset=default", f"dataset.root={probe}",
+                          f"out_dir={out_dir}", "stages=[extract,thresholds,tally]"])
+    run_pipeline(cfg)
+    return {layer: json.loads((out_dir / layer / "summary.json").read_text()) for layer in LAYERS}
+
+
+def test_trained_model_has_clearly_more_detectors_than_random_weights(compose_config, tmp_path):
+    probe = generate(tmp_path / "probe", n_images=N_IMAGES, size=224, seed=0, workers=2)
+    metrics = train_embedded(probe, tmp_path / "trained")
+    torch.manual_seed(0)
+    random_checkpoint = tmp_path / "random.pt"
+    outputs = metrics["num_outputs"]
+    torch.save(SmallCNN(num_classes=outputs).state_dict(), random_checkpoint)
+
+    trained = dissect(compose_config, probe, tmp_path / "trained" / "model.pt", outputs, "trained",
+                      tmp_path / "run_trained")
+    random = dissect(compose_config, probe, random_checkpoint, outputs, "random", tmp_path / "run_random")
+
+    counts = {}
+    for kind, summaries in (("trained", trained), ("random", random)):
+        counts[kind] = sum(s["detectors"] for s in summaries.values())
+        for layer, s in summaries.items():
+            by_category = {c: n for c, n in s["detectors_by_category"].items() if n}
+            print(f"{kind:<7} {layer}: {s['detectors']}/{s['units']} detectors, {s['unique_detectors']} unique, "
+                  f"{by_category}")
+    print(f"held-out accuracy {metrics['held_out_accuracy']:.3f}; detectors trained {counts['trained']}, "
+          f"random {counts['random']}")
+    assert counts["trained"] >= MIN_RATIO * counts["random"]
+    assert counts["trained"] - counts["random"] >= MIN_DIFFERENCE
+
