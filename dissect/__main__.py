@@ -6,8 +6,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from dissect.attribute import AttributionError
 from dissect.audit import AuditError
 from dissect.broden import BrodenFormatError
+from dissect.embed import EmbedError
 from dissect.extract import ExtractError
 from dissect.layers import UnknownLayerError
 from dissect.models import ModelLoadError
@@ -18,8 +20,8 @@ from dissect.thresholds import ThresholdsError
 from dissect.topk import TopkError
 
 #: Errors caused by the user's input: reported in one line, without a traceback.
-USER_ERRORS = (AuditError, BrodenFormatError, ConfigError, ExtractError, ModelLoadError, ProbeSetError, TallyError,
-               ThresholdsError, TopkError, UnknownLayerError)
+USER_ERRORS = (AttributionError, AuditError, BrodenFormatError, ConfigError, EmbedError, ExtractError, ModelLoadError,
+               ProbeSetError, TallyError, ThresholdsError, TopkError, UnknownLayerError)
 
 log = logging.getLogger("dissect")
 

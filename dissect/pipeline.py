@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
-from dissect import audit, extract, tally, thresholds, topk
+from dissect import attribute, audit, embed, extract, tally, thresholds, topk
 from reports import build as report
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,8 @@ STAGES: dict[str, Stage] = {
     "tally": tally.run,
     "topk": topk.run,
     "audit": audit.run,
+    "embed": embed.run,
+    "attribute": attribute.run,
     "report": report.run,
 }
 

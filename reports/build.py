@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from dissect.artifacts import ACTIVATIONS, read_json
 from dissect.broden import CATEGORIES
-from reports import audit_section, embed_section
+from reports import attribute_section, audit_section, embed_section
 from reports.links import layer_file, unit_anchor
 
 log = logging.getLogger(__name__)
@@ -148,8 +148,9 @@ def layer_summary(run_dir: Path, layer: str) -> str:
             f"{bar_graph(table, summary['iou_threshold'])}</section>")
 
 
-def unit_card(layer: str, row: pd.Series, iou_threshold: float, strip: str | None) -> str:
-    """One unit's card: label, category, IoU, best concept per category and the top-k strip."""
+def unit_card(layer: str, row: pd.Series, iou_threshold: float, strip: str | None, attribution: str) -> str:
+    """One unit's card: label, category, IoU, best concept per category, the top-k strip and (HTML) its
+    attribution maps when the attribute stage explained it."""
     below = row["iou"] <= iou_threshold
     badge = f"<span class='badge below'>below IoU {iou_threshold}</span>" if below else ""
     colour = CATEGORY_COLOURS.get(row["category"], "#777")
@@ -162,7 +163,7 @@ def unit_card(layer: str, row: pd.Series, iou_threshold: float, strip: str | Non
             f"data-category='{escape(str(row['category']))}'>"
             f"<h3>unit {int(row['unit'])}: {escape(str(row['label']))} "
             f"<span class='badge' style='background:{colour}'>{escape(str(row['category']))}</span> "
-            f"IoU {row['iou']:.3f}{badge}</h3><div class='concepts'>{per_category}</div>{image}</div>")
+            f"IoU {row['iou']:.3f}{badge}</h3><div class='concepts'>{per_category}</div>{image}{attribution}</div>")
 
 
 def layer_page(run_dir: Path, layer: str) -> str:
@@ -173,7 +174,8 @@ def layer_page(run_dir: Path, layer: str) -> str:
     cards = []
     for _, row in table.iterrows():
         strip = run_dir / layer / "strips" / f"unit_{int(row['unit']):05d}.jpg"
-        cards.append(unit_card(layer, row, threshold, f"../{layer}/strips/{strip.name}" if strip.exists() else None))
+        cards.append(unit_card(layer, row, threshold, f"../{layer}/strips/{strip.name}" if strip.exists() else None,
+                               attribute_section.unit_fragment(run_dir, layer, int(row["unit"]))))
     options = "".join(f"<option value='{c}'>{c}</option>" for c in CATEGORIES)
     controls = (f"<div class='controls'>Sort by <select id='sort'><option value='iou'>IoU</option>"
                 f"<option value='unit'>unit</option><option value='label'>label</option></select> "
@@ -199,7 +201,7 @@ def build_report(run_dir: Path, layers: list[str]) -> Path:
     attrs = dict(zarr.open_group(run_dir / ACTIVATIONS, mode="r").attrs)
     title = f"Dissection of {attrs['model'].get('arch') or attrs['model'].get('target')} on {attrs['probe_set']['name']}"
     sections = [run_section(run_dir, dissected)] + [layer_summary(run_dir, layer) for layer in dissected]
-    for render in (audit_section.render, embed_section.render):
+    for render in (audit_section.render, embed_section.render, attribute_section.render):
         fragment = render(run_dir, report_dir)
         if fragment:
             sections.append(fragment)

@@ -1,0 +1,498 @@
+"""The embed stage: a 2-D map of the probe images in one layer's feature space (t-SNE and UMAP).
+
+It reads the features of ``embed.layer`` for the N valid probe images, (N, D):
+a vector layer as stored, a map layer (N, U, h, w) averaged over space to
+(N, U). PCA (scikit-learn) reduces them to k = min(pca_components, N, D)
+components, and the PCA features are laid out in 2-D by t-SNE
+(``sklearn.manifold.TSNE``, init='pca') and UMAP (``umap.UMAP``). The
+perplexity is clipped to (N - 1) / 3 (t-SNE looks at 3 * perplexity
+neighbours) and n_neighbors to N - 1. Every random choice (PCA's randomised
+solver, both layouts, the samples below) is seeded by ``embed.seed``, so the
+coordinates are byte-identical across runs; umap-learn then runs its
+optimisation on one thread.
+
+Outputs, in ``<out_dir>/embed/``:
+
+- ``coords.parquet``: one row per valid image, columns image_id, label,
+  tsne_x, tsne_y, umap_x, umap_y (float32). For a Broden probe set the label
+  is the image's scene label, else its object label with the largest area (over
+  all object mask layers), else its texture label, else ''; '' for a folder.
+- ``scatter_tsne.png``, ``scatter_umap.png``: the layouts coloured by label
+  (the 19 most frequent labels, the rest as 'other').
+- ``thumbnails_tsne.png``, ``thumbnails_umap.png``: images snapped to a
+  thumbnail_grid x thumbnail_grid lattice, at most one per cell (an optimal
+  assignment of min(N, grid^2) images to cells, see ``grid_cells``).
+- ``neighbours.png`` and ``neighbours.csv`` (query_image_id, rank,
+  neighbour_image_id, distance): for ``queries`` seeded query images, their
+  ``neighbours`` nearest images in the original D-dimensional features
+  (Euclidean, not PCA).
+- ``summary.json``, written last: the settings, the values used after
+  clipping, N, D, PCA explained variance, the trustworthiness of each layout
+  (PCA features vs 2-D coordinates on a seeded sample of at most
+  ``trustworthiness_sample`` images) and the seconds of each step. A run whose
+  summary holds the same settings is skipped.
+"""
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
+from PIL import Image, ImageOps
+from scipy.optimize import linear_sum_assignment
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE, trustworthiness
+from tqdm import tqdm
+
+from dissect.artifacts import open_activations, read_json, write_json_atomic
+from dissect.broden import BrodenDataset, BrodenFormatError
+from dissect.probe import open_probe_set
+
+log = logging.getLogger(__name__)
+
+EMBED_DIR = "embed"
+COORDS = "coords.parquet"
+NEIGHBOURS_CSV = "neighbours.csv"
+SUMMARY = "summary.json"
+METHODS = ("tsne", "umap")
+METHOD_TITLES = {"tsne": "t-SNE", "umap": "UMAP"}
+PICTURES = tuple(f"{kind}_{method}.png" for kind in ("scatter", "thumbnails") for method in METHODS) + (
+    "neighbours.png",)
+MIN_IMAGES = 4
+MAX_LABELS = 19  # labels with their own colour; the rest are drawn as 'other' (20 colours in all)
+THUMBNAIL_PX = 48  # side of one cell of the thumbnail maps
+NEIGHBOUR_PX = 96  # side of one image of neighbours.png
+FEATURE_BLOCK_ROWS = 4096  # rows of the feature matrix per block of the neighbour search
+
+
+class EmbedError(ValueError):
+    """The embed stage cannot run with this configuration or run directory."""
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """The ``embed`` config section, checked."""
+
+    layer: str
+    pca_components: int
+    perplexity: float
+    n_neighbors: int
+    min_dist: float
+    seed: int
+    trustworthiness_sample: int
+    trustworthiness_neighbors: int
+    thumbnail_grid: int
+    queries: int
+    neighbours: int
+
+    @classmethod
+    def from_config(cls, section: DictConfig) -> "EmbedSettings":
+        """Read and check ``cfg.embed``; a bad value raises EmbedError naming the key and what is allowed."""
+        settings = cls(layer=str(section.layer), pca_components=int(section.pca_components),
+                       perplexity=float(section.perplexity), n_neighbors=int(section.n_neighbors),
+                       min_dist=float(section.min_dist), seed=int(section.seed),
+                       trustworthiness_sample=int(section.trustworthiness_sample),
+                       trustworthiness_neighbors=int(section.trustworthiness_neighbors),
+                       thumbnail_grid=int(section.thumbnail_grid), queries=int(section.queries),
+                       neighbours=int(section.neighbours))
+        rules = [("pca_components", settings.pca_components >= 2, "an integer >= 2"),
+                 ("perplexity", settings.perplexity > 0, "a number > 0 (5 to 50 is usual)"),
+                 ("n_neighbors", settings.n_neighbors >= 2, "an integer >= 2"),
+                 ("min_dist", 0 <= settings.min_dist <= 1, "a number in [0, 1]"),
+                 ("seed", 0 <= settings.seed < 2**32, "an integer in [0, 2**32)"),
+                 ("trustworthiness_sample", settings.trustworthiness_sample >= MIN_IMAGES,
+                  f"an integer >= {MIN_IMAGES}"),
+                 ("trustworthiness_neighbors", settings.trustworthiness_neighbors >= 1, "an integer >= 1"),
+                 ("thumbnail_grid", settings.thumbnail_grid >= 1, "an integer >= 1"),
+                 ("queries", settings.queries >= 1, "an integer >= 1"),
+                 ("neighbours", settings.neighbours >= 1, "an integer >= 1")]
+        for key, ok, allowed in rules:
+            if not ok:
+                raise EmbedError(f"embed.{key}={getattr(settings, key)} is not allowed; it must be {allowed}")
+        return settings
+
+
+def run(cfg: DictConfig) -> Path:
+    """Project ``embed.layer`` for every valid probe image and draw the maps; return ``<out_dir>/embed``."""
+    run_dir = Path(cfg.out_dir)
+    settings = EmbedSettings.from_config(cfg.embed)
+    out = run_dir / EMBED_DIR
+    summary_path = out / SUMMARY
+    if is_complete(out, settings):
+        log.info("embed: %s is complete for these settings, skipping", out)
+        return out
+    store = open_activations(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path.unlink(missing_ok=True)  # outputs are rewritten; the summary marks them complete again
+    seconds: dict[str, float] = {}
+    with timed("read features", seconds):
+        features, rows = read_features(store, settings.layer)
+    image_ids = [str(i) for i in store["image_ids"][:][rows]]
+    n_images, n_features = features.shape
+    if n_images < MIN_IMAGES or n_features < 2:
+        raise EmbedError(f"embed needs at least {MIN_IMAGES} valid images and 2 features; layer "
+                         f"{settings.layer!r} has {n_images} valid images and {n_features} features")
+    used = used_settings(settings, n_images, n_features)
+    paths = probe_paths(cfg.dataset, image_ids)
+    with timed("labels", seconds):
+        labels = probe_labels(cfg.dataset, image_ids)
+    with timed("pca", seconds):
+        reduced, explained = pca_features(features, used["pca_components"], settings.seed)
+    layouts = {}
+    with timed("tsne", seconds):
+        layouts["tsne"] = tsne_layout(reduced, used["perplexity"], settings.seed)
+    with timed("umap", seconds):
+        layouts["umap"] = umap_layout(reduced, used["n_neighbors"], settings.min_dist, settings.seed)
+    with timed("trustworthiness", seconds):
+        trust = trustworthiness_scores(reduced, layouts, used["trustworthiness_sample"],
+                                       used["trustworthiness_neighbors"], settings.seed)
+    with timed("neighbours", seconds):
+        queries = choose_queries(n_images, used["queries"], settings.seed)
+        neighbours, distances = nearest_neighbours(features, queries, used["neighbours"])
+    del features, reduced
+    write_coords(out / COORDS, image_ids, labels, layouts)
+    write_neighbours(out / NEIGHBOURS_CSV, image_ids, queries, neighbours, distances)
+    with timed("pictures", seconds):
+        draw_pictures(out, paths, image_ids, labels, layouts, queries, neighbours, distances, settings)
+    layer_kind = store.attrs["layers"][settings.layer]["kind"]
+    write_json_atomic(summary_path, {
+        "settings": asdict(settings),
+        "used": used,
+        "layer_kind": "vector" if layer_kind == "vector" else "map, averaged over space",
+        "images": n_images,
+        "invalid_images_left_out": int(store["valid"].shape[0] - n_images),
+        "features": n_features,
+        "pca": {"components": used["pca_components"], "explained_variance_ratio": explained.tolist(),
+                "explained_variance_total": float(explained.sum())},
+        "trustworthiness": trust | {
+            "computed_on": (f"PCA features ({used['pca_components']} components) vs the 2-D coordinates, "
+                            f"on a random sample of {used['trustworthiness_sample']} images "
+                            f"(seed {settings.seed}), {used['trustworthiness_neighbors']} neighbours")},
+        "neighbours_space": f"original layer features ({n_features}-d), Euclidean",
+        "seconds": {step: round(value, 3) for step, value in seconds.items()},
+        "versions": {name: version(name) for name in ("scikit-learn", "umap-learn", "numpy")},
+    })
+    log.info("embed: wrote %s (%d images, %d features; trustworthiness t-SNE %.3f, UMAP %.3f)",
+             out, n_images, n_features, trust["tsne"], trust["umap"])
+    return out
+
+
+def is_complete(out: Path, settings: EmbedSettings) -> bool:
+    """Whether ``out`` holds every output and a summary made with these settings."""
+    summary_path = out / SUMMARY
+    if not summary_path.is_file() or read_json(summary_path)["settings"] != asdict(settings):
+        return False
+    return all((out / name).is_file() for name in (COORDS, NEIGHBOURS_CSV, *PICTURES))
+
+
+@contextmanager
+def timed(step: str, seconds: dict[str, float]) -> Iterator[None]:
+    """Time a step into ``seconds[step]`` and log it when it ends."""
+    log.info("embed: %s ...", step)
+    started = time.perf_counter()
+    yield
+    seconds[step] = time.perf_counter() - started
+    log.info("embed: %s took %.1f s", step, seconds[step])
+
+
+def used_settings(settings: EmbedSettings, n_images: int, n_features: int) -> dict[str, Any]:
+    """The values actually used for N images of D features (each setting clipped to what N and D allow)."""
+    used = {
+        "pca_components": min(settings.pca_components, n_images, n_features),
+        "perplexity": min(settings.perplexity, (n_images - 1) / 3),
+        "n_neighbors": min(settings.n_neighbors, n_images - 1),
+        "trustworthiness_sample": min(settings.trustworthiness_sample, n_images),
+        "queries": min(settings.queries, n_images),
+        "neighbours": min(settings.neighbours, n_images - 1),
+    }
+    # sklearn.manifold.trustworthiness needs n_neighbors < n_samples / 2
+    used["trustworthiness_neighbors"] = min(settings.trustworthiness_neighbors,
+                                            math.ceil(used["trustworthiness_sample"] / 2) - 1)
+    for key, value in used.items():
+        if value != getattr(settings, key):
+            log.warning("embed: %s=%s is clipped to %s for %d images of %d features",
+                        key, getattr(settings, key), value, n_images, n_features)
+    return used
+
+
+def read_features(store: zarr.Group, layer: str) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's features for the valid images: ((N, D) float32, (N,) their rows in the store).
+
+    A vector layer's (N_all, D) float16 activations are read as they are; a map
+    layer's (N_all, U, h, w) maps are averaged over (h, w) in float32, so D = U.
+    Read one chunk of images at a time.
+    """
+    layers = store.attrs["layers"]
+    if layer not in layers:
+        raise EmbedError(f"embed.layer={layer!r} was not extracted; the store holds {store.attrs['layer_order']}. "
+                         f"Add it to layers=[...] and run the extract stage, or choose one of those")
+    is_map = layers[layer]["kind"] == "map"
+    array = store[layer]["maps" if is_map else "activations"]
+    valid = store["valid"][:]
+    step = array.chunks[0]
+    blocks = []
+    for start in tqdm(range(0, array.shape[0], step), desc=f"embed: read {layer}", unit="chunk"):
+        keep = valid[start:start + step]
+        block = array[start:start + step][keep].astype(np.float32)
+        blocks.append(block.mean(axis=(2, 3)) if is_map else block)
+    return np.concatenate(blocks), np.flatnonzero(valid)
+
+
+def pca_features(features: np.ndarray, n_components: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) float32 -> ((N, n_components) float32 PCA scores, (n_components,) explained variance ratios)."""
+    pca = PCA(n_components=n_components, random_state=seed)
+    reduced = pca.fit_transform(features).astype(np.float32)
+    return reduced, pca.explained_variance_ratio_
+
+
+def tsne_layout(reduced: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
+    """(N, k) -> (N, 2) float32 t-SNE coordinates (Barnes-Hut, init='pca', learning rate 'auto')."""
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
+    return tsne.fit_transform(reduced).astype(np.float32)
+
+
+def umap_layout(reduced: np.ndarray, n_neighbors: int, min_dist: float, seed: int) -> np.ndarray:
+    """(N, k) -> (N, 2) float32 UMAP coordinates; single-threaded, as umap-learn is with a random_state."""
+    import umap  # imported here: it takes seconds (numba), and no other stage needs it
+
+    reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed, n_jobs=1)
+    return reducer.fit_transform(reduced).astype(np.float32)
+
+
+def trustworthiness_scores(reduced: np.ndarray, layouts: dict[str, np.ndarray], sample: int, n_neighbors: int,
+                           seed: int) -> dict[str, float]:
+    """Trustworthiness of each (N, 2) layout against the (N, k) PCA features, on one seeded sample of images."""
+    picked = np.sort(np.random.default_rng(seed).choice(len(reduced), size=sample, replace=False))
+    return {method: float(trustworthiness(reduced[picked], coords[picked], n_neighbors=n_neighbors))
+            for method, coords in layouts.items()}
+
+
+def choose_queries(n_images: int, count: int, seed: int) -> np.ndarray:
+    """(count,) distinct sorted image rows, the same for the same seed."""
+    return np.sort(np.random.default_rng(seed).choice(n_images, size=count, replace=False))
+
+
+def nearest_neighbours(features: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest rows to each query row, itself left out, by Euclidean distance over all D features.
+
+    features (N, D), queries (Q,) -> (indices (Q, k) int64, distances (Q, k)
+    float64), nearest first; ties go to the lower row. Distances are computed in
+    float64 as |x|^2 + |q|^2 - 2 x.q, a block of rows at a time.
+    """
+    points = features[queries].astype(np.float64)
+    squared = np.empty((len(queries), len(features)))
+    for start in range(0, len(features), FEATURE_BLOCK_ROWS):
+        block = features[start:start + FEATURE_BLOCK_ROWS].astype(np.float64)
+        squared[:, start:start + len(block)] = (
+            (block**2).sum(axis=1)[None, :] + (points**2).sum(axis=1)[:, None] - 2 * points @ block.T)
+    squared = np.maximum(squared, 0)
+    squared[np.arange(len(queries)), queries] = np.inf
+    order = np.argsort(squared, axis=1, kind="stable")[:, :k]
+    return order, np.sqrt(np.take_along_axis(squared, order, axis=1))
+
+
+def probe_paths(dataset: DictConfig, image_ids: list[str]) -> list[Path]:
+    """The image file of each image id, from the probe set ``dataset`` (which must hold every id)."""
+    probe = open_probe_set(dataset)
+    path_of = dict(zip(probe.image_ids, probe.image_paths))
+    missing = [image_id for image_id in image_ids if image_id not in path_of]
+    if missing:
+        raise EmbedError(f"the probe set at dataset.root={dataset.root} does not hold {len(missing)} of the "
+                         f"extracted images (e.g. {missing[0]!r}); it must be the probe set that was extracted")
+    return [path_of[image_id] for image_id in image_ids]
+
+
+def probe_labels(dataset: DictConfig, image_ids: list[str]) -> list[str]:
+    """One label name per image id ('' when none); see the module docstring for the rule."""
+    if dataset.kind != "broden":
+        return [""] * len(image_ids)
+    broden = BrodenDataset(str(dataset.root))
+    position = {image_id: i for i, image_id in enumerate(broden.image_ids)}
+    names = broden.label_names
+    labels, unreadable = [], 0
+    for image_id in tqdm(image_ids, desc="embed: labels", unit="img"):
+        number, readable = broden_label(broden, position[image_id])
+        labels.append(names[number] if number else "")
+        unreadable += not readable
+    if unreadable:
+        log.warning("embed: the object masks of %d images could not be read; their labels skip objects", unreadable)
+    return labels
+
+
+def broden_label(broden: BrodenDataset, i: int) -> tuple[int, bool]:
+    """(label number of image i, 0 for none; whether its object masks could be read).
+
+    Its first scene label, else the object label covering the most mask pixels
+    (summed over the object mask layers; ties to the lower number), else its
+    first texture label.
+    """
+    scenes = broden.image_labels(i, "scene")
+    if scenes:
+        return scenes[0], True
+    readable = True
+    try:
+        areas = np.bincount(broden.pixel_labels(i, "object").ravel(), minlength=1)
+    except BrodenFormatError:
+        areas, readable = np.zeros(1, np.int64), False
+    areas[0] = 0
+    if areas.any():
+        return int(areas.argmax()), readable
+    textures = broden.image_labels(i, "texture")
+    return (textures[0] if textures else 0), readable
+
+
+def write_coords(path: Path, image_ids: list[str], labels: list[str], layouts: dict[str, np.ndarray]) -> None:
+    """coords.parquet: image_id, label, then x and y of each layout."""
+    columns: dict[str, Any] = {"image_id": image_ids, "label": labels}
+    for method, coords in layouts.items():
+        columns[f"{method}_x"], columns[f"{method}_y"] = coords[:, 0], coords[:, 1]
+    pd.DataFrame(columns).to_parquet(path, index=False)
+
+
+def write_neighbours(path: Path, image_ids: list[str], queries: np.ndarray, neighbours: np.ndarray,
+                     distances: np.ndarray) -> None:
+    """neighbours.csv: query_image_id, rank (1 = nearest), neighbour_image_id, distance."""
+    n_queries, k = neighbours.shape
+    pd.DataFrame({
+        "query_image_id": np.repeat([image_ids[q] for q in queries], k),
+        "rank": np.tile(np.arange(1, k + 1), n_queries),
+        "neighbour_image_id": [image_ids[j] for j in neighbours.ravel()],
+        "distance": distances.ravel(),
+    }).to_csv(path, index=False, float_format="%.9g")
+
+
+def grid_cells(coords: np.ndarray, grid: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Snap a 2-D layout to a grid x grid lattice with at most one point per cell.
+
+    coords (N, 2) -> (points (M,) rows of coords, cells (M,) cell numbers
+    row * grid + column, row 0 at the top), M = min(N, grid^2); when N > grid^2
+    a seeded random subset of grid^2 points is placed. Coordinates are scaled
+    to [0, 1] per axis, and the assignment of points to cell centres minimises
+    the summed squared distance (``scipy.optimize.linear_sum_assignment``).
+    """
+    n_cells = grid * grid
+    points = np.arange(len(coords))
+    if len(coords) > n_cells:
+        points = np.sort(np.random.default_rng(seed).choice(len(coords), size=n_cells, replace=False))
+    xy = coords[points].astype(np.float64)
+    low, high = xy.min(axis=0), xy.max(axis=0)
+    xy = (xy - low) / np.where(high > low, high - low, 1.0)
+    row, column = np.divmod(np.arange(n_cells), grid)
+    centres = np.stack([(column + 0.5) / grid, 1 - (row + 0.5) / grid], axis=1)
+    cost = ((xy[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2)
+    assigned_points, cells = linear_sum_assignment(cost)
+    return points[assigned_points], cells
+
+
+def load_thumbnail(path: Path, size: int) -> np.ndarray:
+    """An image's centre square resized to (size, size, 3) uint8; mid-grey when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(ImageOps.fit(image.convert("RGB"), (size, size), Image.BILINEAR))
+    except (OSError, ValueError, SyntaxError):  # PIL raises all three on bad files
+        return np.full((size, size, 3), 128, np.uint8)
+
+
+def draw_pictures(out: Path, paths: list[Path], image_ids: list[str], labels: list[str],
+                  layouts: dict[str, np.ndarray], queries: np.ndarray, neighbours: np.ndarray,
+                  distances: np.ndarray, settings: EmbedSettings) -> None:
+    """Write the scatter plots, the thumbnail maps and neighbours.png."""
+    for method, coords in layouts.items():
+        title = f"{METHOD_TITLES[method]} of {settings.layer}"
+        save_scatter(out / f"scatter_{method}.png", coords, labels, title)
+        points, cells = grid_cells(coords, settings.thumbnail_grid, settings.seed)
+        thumbnails = [load_thumbnail(paths[p], THUMBNAIL_PX)
+                      for p in tqdm(points, desc=f"embed: {method} thumbnails", unit="img")]
+        mosaic = thumbnail_mosaic(thumbnails, cells, settings.thumbnail_grid, THUMBNAIL_PX)
+        grid = settings.thumbnail_grid
+        save_mosaic(out / f"thumbnails_{method}.png", mosaic, f"{title}: {len(points)} images on a {grid}x{grid} grid")
+    save_neighbours(out / "neighbours.png", paths, image_ids, queries, neighbours, distances)
+
+
+def thumbnail_mosaic(thumbnails: list[np.ndarray], cells: np.ndarray, grid: int, size: int) -> np.ndarray:
+    """M (size, size, 3) thumbnails placed at cells (M,) -> (grid * size, grid * size, 3) uint8, white elsewhere."""
+    mosaic = np.full((grid * size, grid * size, 3), 255, np.uint8)
+    for thumbnail, cell in zip(thumbnails, cells):
+        row, column = divmod(int(cell), grid)
+        mosaic[row * size:(row + 1) * size, column * size:(column + 1) * size] = thumbnail
+    return mosaic
+
+
+def label_groups(labels: list[str]) -> tuple[list[str], np.ndarray]:
+    """(legend names, (N,) index of each image's name): the MAX_LABELS most frequent labels, then 'other'.
+
+    '' is shown as '(no label)'; ties in frequency go to the name first in sorted order.
+    """
+    shown = ["(no label)" if label == "" else label for label in labels]
+    counts = pd.Series(shown).value_counts()
+    ranked = sorted(counts.index, key=lambda name: (-counts[name], name))
+    names = ranked[:MAX_LABELS] + (["other"] if len(ranked) > MAX_LABELS else [])
+    index = {name: i for i, name in enumerate(names)}
+    return names, np.array([index.get(name, len(names) - 1) for name in shown])
+
+
+def save_scatter(path: Path, coords: np.ndarray, labels: list[str], title: str) -> None:
+    """A scatter plot of (N, 2) coords coloured by label, with a legend of label (count)."""
+    names, groups = label_groups(labels)
+    palette = colormaps["tab20"]
+    size = float(np.clip(20000 / len(coords), 1, 30))
+    figure = Figure(figsize=(9, 7))
+    axes = figure.subplots()
+    for g, name in enumerate(names):
+        mine = groups == g
+        colour = (0.6, 0.6, 0.6, 1.0) if name == "other" else palette(g)
+        axes.scatter(coords[mine, 0], coords[mine, 1], s=size, color=colour, alpha=0.8, linewidths=0,
+                     label=f"{name} ({int(mine.sum())})")
+    axes.set_title(f"{title} ({len(coords)} images)")
+    axes.set_xticks([])
+    axes.set_yticks([])
+    axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, markerscale=max(1.0, 5 / size**0.5),
+                frameon=False)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def save_mosaic(path: Path, mosaic: np.ndarray, title: str) -> None:
+    """A (H, W, 3) thumbnail mosaic at one figure pixel per mosaic pixel, under a title strip."""
+    dpi, title_px = 100, 30
+    height, width = mosaic.shape[:2]
+    figure = Figure(figsize=(width / dpi, (height + title_px) / dpi), dpi=dpi)
+    axes = figure.add_axes((0, 0, 1, height / (height + title_px)))
+    axes.imshow(mosaic, interpolation="nearest")
+    axes.axis("off")
+    figure.text(0.5, 1 - 0.5 * title_px / (height + title_px), title, ha="center", va="center", fontsize=10)
+    figure.savefig(path, dpi=dpi)
+
+
+def save_neighbours(path: Path, paths: list[Path], image_ids: list[str], queries: np.ndarray,
+                    neighbours: np.ndarray, distances: np.ndarray) -> None:
+    """One row per query: the query image, then its neighbours (nearest first) with their distances."""
+    n_queries, k = neighbours.shape
+    figure = Figure(figsize=(1.6 * (k + 1), 1.8 * n_queries + 0.4))
+    axes = figure.subplots(n_queries, k + 1, squeeze=False)
+    for row, query in enumerate(queries):
+        cells = [(int(query), f"query\n{short(image_ids[query])}")] + [
+            (int(j), f"{rank + 1}: d={distances[row, rank]:.3g}\n{short(image_ids[j])}")
+            for rank, j in enumerate(neighbours[row])]
+        for column, (image, caption) in enumerate(cells):
+            axes[row, column].imshow(load_thumbnail(paths[image], NEIGHBOUR_PX))
+            axes[row, column].set_title(caption, fontsize=6, fontweight="bold" if column == 0 else "normal")
+            axes[row, column].axis("off")
+    figure.suptitle("Nearest neighbours in the original feature space (Euclidean)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def short(text: str, length: int = 22) -> str:
+    """text, shortened from the left to at most ``length`` characters."""
+    return text if len(text) <= length else "…" + text[-(length - 1):]

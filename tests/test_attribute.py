@@ -1,0 +1,448 @@
+"""The attribute stage: maps against autograd, batching, planted detectors, guided-method hygiene, trust checks."""
+
+import math
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+import torch
+import zarr
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+from PIL import Image
+from torch import nn
+from torch.nn import functional as F
+
+from conftest import CONF_DIR
+from data_prep.synthetic_broden import generate
+from dissect import attribute, extract, tally, thresholds, topk
+from dissect.artifacts import read_json
+from dissect.attribute import (
+    METHODS,
+    AttributionError,
+    MethodSettings,
+    attribution_maps,
+    compute_maps,
+    explained,
+    positive_share_inside,
+    prepare_model,
+    randomisation_check,
+    read_settings,
+    spearman_abs,
+    stored_form,
+)
+from dissect.embedded_model import SmallCNN
+from dissect.probe import Preprocessing
+from reports import attribute_section
+
+IDENTITY = Preprocessing(input_size=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+CPU = torch.device("cpu")
+GRADIENT_METHODS = ("saliency", "input_x_gradient", "deconvolution", "guided_backprop", "grad_cam",
+                    "guided_grad_cam", "integrated_gradients")
+#: The stage settings of these tests (conf/config.yaml holds the defaults of a real run).
+SETTINGS = {"units": "top", "top_units": 2, "unit_label": None, "unit_pairs": [], "images_per_unit": 3,
+            "class_target": "predicted", "class_images": 2, "methods": "all", "grad_cam_layer": None,
+            "ig_steps": 16, "ig_internal_batch": 32, "occlusion_window": 8, "occlusion_stride": 4,
+            "lime_segments": 20, "lime_samples": 40, "batch_size": 8, "randomisation_pairs": 4,
+            "randomisation_steps": 2, "max_correlation": 0.5, "seed": 0, "device": "cpu"}
+
+
+class TinyNet(nn.Module):
+    """conv (3 -> 2, 3x3) + ReLU + linear (2*6*6 -> 3) with fixed seeded weights, for 6 x 6 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(1)
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(72, 3)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.conv(x)).flatten(1))
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """(1, 1, k, k) normalised 2-D Gaussian, radius 3 sigma."""
+    radius = math.ceil(3 * sigma)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
+
+
+class RedSpots(nn.Module):
+    """Planted detectors on RGB in [0, 1]: unit 0 fires on red, unit 1 on green (layer ``units``).
+
+    A 1x1 conv scores each pixel (red: 2 (R - G - B) - 1, about 0.17 on the generator's red and negative on
+    every other Broden colour, also where JPEG blends two of them; green: 2 (G - R - B) - 0.4), a ReLU keeps
+    the positive part, and a Gaussian blur makes the response graded: it peaks where the most red (green)
+    lies around a position. The output is each unit's spatial maximum.
+    """
+
+    def __init__(self, sigma: float = 1.0) -> None:
+        super().__init__()
+        self.colour = nn.Conv2d(3, 2, 1)
+        self.relu = nn.ReLU()
+        kernel = gaussian_kernel(sigma)
+        self.spread = nn.Conv2d(2, 2, kernel.shape[-1], padding=kernel.shape[-1] // 2, groups=2, bias=False)
+        self.units = nn.Identity()
+        with torch.no_grad():
+            self.colour.weight.copy_(torch.tensor([[2.0, -2.0, -2.0], [-2.0, 2.0, -2.0]])[:, :, None, None])
+            self.colour.bias.copy_(torch.tensor([-1.0, -0.4]))
+            self.spread.weight.copy_(kernel.expand(2, 1, -1, -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) RGB in [0, 1] -> (N, 2) the maxima of the unit maps (N, 2, S, S)."""
+        return self.units(self.spread(self.relu(self.colour(x)))).amax(dim=(2, 3))
+
+
+def red_disc_images(n: int, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """(n, 3, S, S) uint8 images of non-red rectangles with one red disc each, and the (n, S, S) disc masks."""
+    rng = np.random.default_rng(seed)
+    palette = np.array([(40, 160, 50), (30, 70, 210), (128, 128, 128), (240, 220, 40), (240, 240, 240)])
+    images, masks = [], []
+    yy, xx = np.mgrid[:size, :size]
+    for _ in range(n):
+        image = np.broadcast_to(palette[rng.integers(len(palette))], (size, size, 3)).copy()
+        for _ in range(4):
+            top, left = rng.integers(0, size - 8, 2)
+            image[top:top + rng.integers(8, 32), left:left + rng.integers(8, 32)] = palette[rng.integers(len(palette))]
+        radius = rng.integers(12, 17)
+        cy, cx = rng.integers(radius, size - radius, 2)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+        image[disc] = (210, 30, 30)
+        image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
+        images.append(torch.from_numpy(image).permute(2, 0, 1))
+        masks.append(disc)
+    return torch.stack(images), np.stack(masks)
+
+
+def pair_table(kinds: list[str], layers: list[str], targets: list[int], grad_cam_layers: list[str]) -> pd.DataFrame:
+    """A pair table as the stage builds it (image i is pair i)."""
+    return pd.DataFrame({"pair": range(len(kinds)), "kind": kinds, "layer": layers, "target": targets,
+                         "image_index": range(len(kinds)), "grad_cam_layer": grad_cam_layers})
+
+
+# ----------------------------------------------------------------------------- exact values on a tiny net
+
+
+def hand_gradient(f, x: torch.Tensor) -> torch.Tensor:
+    """d f(x) / d x for a scalar function of one (1, 3, 6, 6) image, by torch.autograd."""
+    x = x.clone().requires_grad_(True)
+    return torch.autograd.grad(f(x), x)[0]
+
+
+def hand_integrated_gradients(f, x: torch.Tensor, baseline: torch.Tensor, steps: int) -> torch.Tensor:
+    """(x - b) * sum_k w_k grad f(b + a_k (x - b)), Gauss-Legendre nodes a_k and weights w_k on [0, 1]."""
+    nodes, weights = np.polynomial.legendre.leggauss(steps)
+    total = torch.zeros_like(x)
+    for node, weight in zip((nodes + 1) / 2, weights / 2):
+        total += float(weight) * hand_gradient(f, baseline + float(node) * (x - baseline))
+    return (x - baseline) * total
+
+
+@pytest.mark.parametrize("layer", ["conv", None], ids=["unit", "class"])
+def test_saliency_input_x_gradient_and_integrated_gradients_equal_autograd(layer):
+    net = TinyNet()
+    x = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    targets = torch.tensor([0, 1, 1] if layer else [2, 0, 1])
+    baseline = torch.full((1, 3, 6, 6), -0.5)
+    target = explained(prepare_model(net, x[:1], METHODS), layer, "conv")
+    settings = MethodSettings(ig_steps=64, ig_internal_batch=50)
+    maps = {m: attribution_maps(target, m, x, targets, baseline, settings)
+            for m in ("saliency", "input_x_gradient", "integrated_gradients")}
+    for i in range(3):
+        def f(image, i=i):
+            return net.conv(image)[0, targets[i]].amax() if layer else net(image)[0, targets[i]]
+
+        grad = hand_gradient(f, x[i:i + 1])
+        torch.testing.assert_close(maps["saliency"][i], grad.abs().sum(1)[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(maps["input_x_gradient"][i], (x[i:i + 1] * grad).sum(1)[0], rtol=1e-5, atol=1e-6)
+        ig = hand_integrated_gradients(f, x[i:i + 1], baseline, steps=64)
+        torch.testing.assert_close(maps["integrated_gradients"][i], ig.sum(1)[0], rtol=1e-4, atol=1e-5)
+    # completeness: each map sums to f(x) - f(baseline). Gauss-Legendre quadrature is not exact on a
+    # piecewise-linear net (its gradient jumps at ReLU and max switches): the gap is up to 1.7% at 64 steps
+    # here and below 0.2% at 256, so 256 steps are checked against a 0.5% tolerance.
+    exact = attribution_maps(target, "integrated_gradients", x, targets, baseline, MethodSettings(ig_steps=256))
+    with torch.no_grad():
+        differences = (target.module(x) - target.module(baseline.expand_as(x)))[torch.arange(3), targets]
+    torch.testing.assert_close(exact.sum(dim=(1, 2)), differences, rtol=0.005, atol=1e-4)
+
+
+def test_positive_share_and_spearman_match_direct_computations():
+    rng = np.random.default_rng(0)
+    maps, masks = rng.normal(size=(3, 5, 5)), rng.random((3, 5, 5)) > 0.6
+    maps[2] = -1.0  # no positive mass
+    share = positive_share_inside(maps, masks)
+    for p in range(2):
+        positive = np.clip(maps[p], 0, None)
+        assert share[p] == pytest.approx(positive[masks[p]].sum() / positive.sum())
+    assert np.isnan(share[2])
+    first, second = rng.normal(size=(4, 6, 6)), rng.normal(size=(4, 6, 6))
+    second[1] = first[1] * -2.0  # same ranks of |.|
+    second[2] = np.round(second[2])  # ties
+    expected = [scipy.stats.spearmanr(np.abs(a).ravel(), np.abs(b).ravel())[0] for a, b in zip(first, second)]
+    np.testing.assert_allclose(spearman_abs(first, second), expected, atol=1e-12)
+    constant = np.zeros((6, 6))
+    np.testing.assert_array_equal(spearman_abs(np.stack([constant, first[0]]), np.stack([first[0], constant])),
+                                  [np.nan, 0.0])  # no ranking to keep; a ranking lost
+
+
+# ----------------------------------------------------------------------------------------------- batching
+
+
+def test_one_batched_call_gives_the_maps_of_one_call_per_pair():
+    torch.manual_seed(0)
+    size = 32
+    preprocessing = Preprocessing(size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    images = torch.randint(0, 256, (6, 3, size, size), dtype=torch.uint8)
+    model = prepare_model(SmallCNN(num_classes=5, width=4), preprocessing.normalise(images[:1]), METHODS)
+    pairs = pair_table(["unit"] * 4 + ["class"] * 2, ["features.conv3"] * 4 + [""] * 2, [0, 3, 5, 5, 1, 4],
+                       ["features.conv2"] * 4 + ["features.conv4"] * 2)
+    settings = MethodSettings(ig_steps=8, ig_internal_batch=12, occlusion_window=8, occlusion_stride=8,
+                              lime_segments=12, lime_samples=24, batch_size=8)
+    for method in METHODS:
+        batched = compute_maps(model, pairs, images, method, settings, preprocessing, 6, CPU)
+        one_by_one = np.concatenate([compute_maps(model, pairs.iloc[[p]], images[p:p + 1], method, settings,
+                                                  preprocessing, 1, CPU) for p in range(len(pairs))])
+        assert np.abs(batched).max() > 0, method
+        np.testing.assert_allclose(batched, one_by_one, rtol=1e-4, atol=1e-6 * np.abs(batched).max(),
+                                   err_msg=method)
+
+
+# ------------------------------------------------------------------------------------- planted detectors
+
+
+def test_a_red_detector_puts_its_attribution_on_the_red_disc():
+    images, discs = red_disc_images(4)
+    model = prepare_model(RedSpots(sigma=4.0), IDENTITY.normalise(images[:1]), METHODS)
+    pairs = pair_table(["unit"] * 4, ["units"] * 4, [0] * 4, ["units"] * 4)
+    settings = MethodSettings(ig_steps=16, occlusion_window=8, occlusion_stride=4, batch_size=24)
+    chance = discs.mean()
+    for method in (*GRADIENT_METHODS, "occlusion"):
+        maps = compute_maps(model, pairs, images, method, settings, IDENTITY, 4, CPU)
+        share = positive_share_inside(maps, discs)
+        assert share.min() > 0.6 and share.mean() > 3 * chance, (method, share.round(2), chance)
+
+
+# --------------------------------------------------------------------------------- guided-method hygiene
+
+
+class TwoBranches(nn.Module):
+    """Two convs whose outputs go through one ReLU module or two; the convs run before either ReLU call."""
+
+    def __init__(self, shared: bool, inplace: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.relu_a = nn.ReLU(inplace=inplace)
+        self.relu_b = self.relu_a if shared else nn.ReLU(inplace=inplace)
+        self.head = nn.Conv2d(8, 3, 3, padding=1)
+        self.relu_head = nn.ReLU(inplace=inplace)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.a(x), self.b(x)
+        return self.relu_head(self.head(torch.cat([self.relu_a(a), self.relu_b(b)], 1))).amax(dim=(2, 3))
+
+
+def guided_maps(net: nn.Module, x: torch.Tensor, prepare: bool) -> dict[str, torch.Tensor]:
+    module = prepare_model(net, x[:1], METHODS) if prepare else net
+    target = attribute.Explained(module, None)
+    return {m: attribution_maps(target, m, x, torch.tensor([0, 2]), x[:1] * 0, MethodSettings())
+            for m in ("deconvolution", "guided_backprop")}
+
+
+def test_reused_and_inplace_relus_are_made_distinct_so_guided_methods_stay_correct():
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    reference = guided_maps(TwoBranches(shared=False), x, prepare=False)
+    shared = TwoBranches(shared=True)
+    for method, maps in guided_maps(shared, x, prepare=True).items():
+        torch.testing.assert_close(maps, reference[method], msg=method)
+    # without preparation Captum's per-module hook state mixes the two calls of the shared ReLU
+    assert not torch.allclose(guided_maps(shared, x, prepare=False)["deconvolution"], reference["deconvolution"])
+    inplace = TwoBranches(shared=True, inplace=True)
+    for method, maps in guided_maps(inplace, x, prepare=True).items():
+        torch.testing.assert_close(maps, reference[method], msg=method)
+    assert inplace.relu_a.inplace and inplace.relu_head.inplace, "the caller's model is left as it was"
+
+
+def test_functional_relus_refuse_guided_methods_with_a_clear_error():
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(self.conv(x)).amax(dim=(2, 3))
+
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(AttributionError, match=r"applies ReLU 1 time\(s\) as a function.*guided_backprop"):
+        prepare_model(Functional(), x, METHODS)
+    prepare_model(Functional(), x, ("saliency", "integrated_gradients", "occlusion"))
+
+
+# ------------------------------------------------------------------------------------ randomisation check
+
+
+def colour_disc_classes(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 3, S, S) uint8 grey-noise images with one disc of colour k and their classes k (0 red, 1 green, 2 blue)."""
+    rng = np.random.default_rng(seed)
+    colours = np.array([(210, 30, 30), (40, 160, 50), (30, 70, 210)])
+    yy, xx = np.mgrid[:size, :size]
+    images, classes = [], rng.integers(0, 3, n)
+    for k in classes:
+        image = rng.normal(128, 30, (size, size, 3))
+        radius = rng.integers(6, 12)
+        cy, cx = rng.integers(radius, size - radius, 2)
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = colours[k]
+        images.append(torch.from_numpy(np.clip(image, 0, 255).astype(np.uint8)).permute(2, 0, 1))
+    return torch.stack(images), torch.from_numpy(classes)
+
+
+def test_randomising_the_weights_changes_grad_cam_and_integrated_gradients():
+    preprocessing = Preprocessing(64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    images, classes = colour_disc_classes(256, 64, seed=0)
+    torch.manual_seed(0)
+    net = SmallCNN(num_classes=3, width=8)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    inputs = preprocessing.normalise(images)
+    for epoch in range(6):
+        for batch in torch.randperm(len(images)).split(32):
+            loss = F.cross_entropy(net(inputs[batch]), classes[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    net.eval()
+    with torch.no_grad():
+        accuracy = float((net(inputs).argmax(1) == classes).float().mean())
+    assert accuracy > 0.8, "the model must have learned something for the check to mean anything"
+    methods = ("grad_cam", "integrated_gradients", "guided_backprop")
+    model = prepare_model(net, inputs[:1], methods)
+    pairs = pair_table(["class"] * 6, [""] * 6, classes[:6].tolist(), ["features.conv4"] * 6)
+    settings = MethodSettings(ig_steps=16, ig_internal_batch=64)
+    trained = {m: stored_form(compute_maps(model, pairs, images[:6], m, settings, preprocessing, 6, CPU))[0]
+               for m in methods}
+    table = randomisation_check(model, pairs, images[:6], trained, settings, preprocessing, 6, steps=3, device=CPU)
+    assert table["step"].tolist() == [1] * 3 + [2] * 3 + [3] * 3
+    assert table["randomised"].iloc[-1] == 6  # conv1..conv4, fc1, fc2
+    assert table["deepest"].iloc[-1] == "features.conv1"
+    final = table[table["step"] == 3].set_index("method")["spearman_mean"]
+    assert final["grad_cam"] < 0.4 and final["integrated_gradients"] < 0.4, final.to_dict()
+    same = randomisation_check(model, pairs, images[:6], trained, settings, preprocessing, 6, steps=3, device=CPU)
+    pd.testing.assert_frame_equal(table, same)  # seeded
+
+
+# --------------------------------------------------------------------------------------- the whole stage
+
+
+def test_settings_errors_name_the_key_and_what_is_allowed():
+    with pytest.raises(AttributionError, match="allowed: all, or a list of saliency"):
+        read_settings({**SETTINGS, "methods": ["saliency", "smoothgrad"]})
+    with pytest.raises(AttributionError, match=r"missing key\(s\) \['seed'\]"):
+        read_settings({key: value for key, value in SETTINGS.items() if key != "seed"})
+    with pytest.raises(AttributionError, match="allowed: top, label, pairs, none"):
+        read_settings({**SETTINGS, "units": "best"})
+
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+    """A generated probe set (red renamed with HTML), dissected with RedSpots, then the attribute stage."""
+    base = tmp_path_factory.mktemp("attribute")
+    probe = generate(base / "broden", n_images=40, size=64, seed=7, workers=1)
+    for name in ("label.csv", "c_color.csv"):
+        table = pd.read_csv(probe / name, keep_default_na=False)
+        table["name"] = table["name"].replace("red-c", f"red-c{HOSTILE}")
+        table.to_csv(probe / name, index=False)
+    overrides = ["model=default", "model.module._target_=test_attribute.RedSpots", "~model.module.num_classes",
+                 "model.checkpoint=null", "model.input_size=64", "model.mean=[0,0,0]", "model.std=[1,1,1]",
+                 "layers=[units]", "dataset=default", f"dataset.root={probe}", f"out_dir={base / 'run'}",
+                 "extract.batch_size=8", "extract.num_workers=0", "extract.chunk_mib=0.01",
+                 "thresholds.quantile=0.005", "topk.k=4"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with open_dict(cfg):  # until conf/config.yaml has its attribute section
+        cfg.attribute = {**SETTINGS, "units": "label", "unit_label": f"red-c{HOSTILE}"}
+    for stage in (extract, thresholds, tally, topk):
+        stage.run(cfg)
+    return cfg, attribute.run(cfg)
+
+
+def test_the_stage_writes_pairs_maps_strips_and_checks(planted_run):
+    cfg, out_dir = planted_run
+    run_dir = out_dir.parent
+    pairs = pd.read_csv(out_dir / "pairs.csv", keep_default_na=False)
+    units = pairs[pairs["kind"] == "unit"]
+    tallied = pd.read_csv(run_dir / "units" / "tally.csv", keep_default_na=False)
+    assert tallied.at[0, "label"] == f"red-c{HOSTILE}" and tallied.at[0, "iou"] > 0.5
+    assert units["target"].unique().tolist() == [0]  # units=label: every unit labelled red
+    top = pd.read_csv(run_dir / "units" / "topk.csv")
+    top = top[(top["unit"] == 0) & (top["rank"] < 3)]
+    assert units["image_index"].tolist() == top["image_index"].tolist()
+    # the explained score is the unit's maximum as the extract stage stored it (float16)
+    np.testing.assert_allclose(units["score"], top["max_activation"], rtol=2e-3)
+    by_iou = tallied.sort_values(["iou", "unit"], ascending=[False, True])
+    for top_units, threshold in ((1, 0.04), (2, 0.04), (2, by_iou["iou"].iat[1])):
+        top_settings = read_settings({**SETTINGS, "top_units": top_units})
+        detectors = by_iou[by_iou["iou"] > threshold]["unit"].head(top_units)
+        assert attribute.select_units(run_dir, ["units"], top_settings, threshold) == [("units", u) for u in detectors]
+    classes = pairs[pairs["kind"] == "class"]
+    assert classes["image_index"].tolist() == [0, 1] and set(classes["grad_cam_layer"]) == {"spread"}
+
+    maps = zarr.open_group(out_dir / "maps.zarr", mode="r")
+    images = torch.stack([IDENTITY.load(Image.open(Path(cfg.dataset.root) / "images" / i)) for i in pairs["image_id"]])
+    model = prepare_model(RedSpots(), IDENTITY.normalise(images[:1]), METHODS)
+    for method in METHODS:
+        stored, scale = maps[method][:], maps["scale"][method][:]
+        assert stored.shape == (len(pairs), 64, 64) and stored.dtype == np.float16
+        assert (scale[units.index] > 0).all(), method  # the red unit on its top images
+        np.testing.assert_array_equal(np.abs(stored).reshape(len(pairs), -1).max(1), scale > 0)
+    for method in ("saliency", "integrated_gradients", "occlusion"):  # stored maps x scale = a direct call
+        settings = MethodSettings(**{f.name: SETTINGS[f.name] for f in fields(MethodSettings)})
+        direct = compute_maps(model, pairs, images, method, settings, IDENTITY, 1, CPU)
+        raw = maps[method][:].astype(np.float32) * maps["scale"][method][:][:, None, None]
+        np.testing.assert_allclose(raw, direct, atol=2e-3 * np.abs(direct).max())
+
+    strip = Image.open(out_dir / "strips" / "units" / "unit_00000.png")
+    assert strip.size == (10 * (attribute.TILE + attribute.GAP) - attribute.GAP,
+                          attribute.HEADER + 3 * (attribute.TILE + attribute.GAP))
+    assert len(list((out_dir / "strips" / "classes").glob("*.png"))) == 2
+
+    agreement = pd.read_csv(out_dir / "agreement.csv", keep_default_na=False)
+    red = agreement[agreement["unit"] == 0].set_index("method")
+    assert (red["label"] == f"red-c{HOSTILE}").all()
+    for method in ("saliency", "input_x_gradient", "guided_backprop", "integrated_gradients"):
+        assert red.at[method, "inside_share"] > max(0.5, 2 * red.at[method, "chance_share"]), red.loc[method]
+
+    randomisation = pd.read_csv(out_dir / "randomisation.csv")
+    summary = read_json(out_dir / "summary.json")
+    final = randomisation[randomisation["step"] == 2].set_index("method")["spearman_mean"]
+    assert summary["flagged_methods"] == [m for m in METHODS if final[m] > 0.5]
+    assert summary["pairs"] == {"unit": 3, "class": 2}
+
+
+def test_a_finished_stage_is_skipped(planted_run):
+    cfg, out_dir = planted_run
+    before = (out_dir / "summary.json").stat().st_mtime_ns
+    attribute.run(cfg)
+    assert (out_dir / "summary.json").stat().st_mtime_ns == before
+
+
+def test_the_report_section_escapes_labels_and_links_strips(planted_run, tmp_path):
+    cfg, out_dir = planted_run
+    run_dir = out_dir.parent
+    html = attribute_section.render(run_dir, run_dir / "report")
+    assert html and "integrated_gradients" in html and "randomisation" in html.lower()
+    assert HOSTILE not in html
+    fragment = attribute_section.unit_fragment(run_dir, "units", 0)
+    assert "<img loading=\"lazy\" src=\"../attribute/strips/units/unit_00000.png\"" in fragment
+    assert HOSTILE not in fragment and "&lt;img src=x" in fragment
+    assert attribute_section.unit_fragment(run_dir, "units", 1) == ""  # not labelled red, not selected
+    assert attribute_section.render(tmp_path, tmp_path / "report") is None

@@ -1,0 +1,215 @@
+"""The embed stage: neighbours by brute force, planted clusters, seeded determinism, labels, grid, end to end."""
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.datasets import make_blobs
+from sklearn.metrics import silhouette_score
+from sklearn.neighbors import KNeighborsClassifier
+
+from conftest import tiny_overrides, write_activation_store
+from dissect import embed, extract
+from dissect.artifacts import read_json
+from dissect.broden import BrodenDataset
+from reports import embed_section
+
+# Measured on make_blobs(300, 64, centers=4, random_state=0..9), seed 0: silhouette of the 2-D coordinates
+# 0.917-0.929 (t-SNE) and 0.932-0.959 (UMAP); 5-NN label purity 1.0 for both; trustworthiness (10
+# neighbours) 0.950-0.954 (t-SNE) and 0.931-0.937 (UMAP).
+MIN_SILHOUETTE = 0.8
+MIN_PURITY = 0.95
+
+
+@pytest.fixture(scope="module")
+def blobs() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """300 points in 64-d around 4 planted centres, their cluster labels and both layouts of their PCA features."""
+    features, clusters = make_blobs(n_samples=300, n_features=64, centers=4, random_state=0)
+    reduced, _ = embed.pca_features(features.astype(np.float32), 50, seed=0)
+    layouts = {"tsne": embed.tsne_layout(reduced, 30.0, seed=0),
+               "umap": embed.umap_layout(reduced, 15, 0.1, seed=0)}
+    return reduced, clusters, layouts
+
+
+@pytest.mark.parametrize("method", embed.METHODS)
+def test_both_layouts_keep_planted_clusters_apart(blobs, method):
+    _, clusters, layouts = blobs
+    coords = layouts[method]
+    assert silhouette_score(coords, clusters) >= MIN_SILHOUETTE
+    knn = KNeighborsClassifier(n_neighbors=6).fit(coords, clusters)
+    # each point's 5 nearest other points (the first of 6 is the point itself)
+    neighbours = knn.kneighbors(coords, return_distance=False)[:, 1:]
+    assert (clusters[neighbours] == clusters[:, None]).mean() >= MIN_PURITY
+
+
+def test_layouts_are_byte_identical_for_the_same_seed(blobs):
+    reduced, _, layouts = blobs
+    again = {"tsne": embed.tsne_layout(reduced, 30.0, seed=0), "umap": embed.umap_layout(reduced, 15, 0.1, seed=0)}
+    for method in embed.METHODS:
+        assert again[method].dtype == np.float32
+        assert again[method].tobytes() == layouts[method].tobytes()
+
+
+def test_trustworthiness_of_planted_clusters_is_high(blobs):
+    reduced, _, layouts = blobs
+    scores = embed.trustworthiness_scores(reduced, layouts, sample=200, n_neighbors=10, seed=0)
+    assert set(scores) == {"tsne", "umap"}
+    assert min(scores.values()) > 0.9
+
+
+def test_nearest_neighbours_equal_brute_force():
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(300, 40)).astype(np.float16).astype(np.float32) * 5 + 3
+    queries = embed.choose_queries(len(features), 7, seed=4)
+    indices, distances = embed.nearest_neighbours(features, queries, k=6)
+    pairwise = np.sqrt(((features[:, None, :].astype(np.float64) - features[None, :, :]) ** 2).sum(axis=2))
+    for row, query in enumerate(queries):
+        order = [j for j in np.argsort(pairwise[query], kind="stable") if j != query][:6]
+        np.testing.assert_array_equal(indices[row], order)
+        np.testing.assert_allclose(distances[row], pairwise[query, order], rtol=1e-9)
+    np.testing.assert_array_equal(queries, embed.choose_queries(len(features), 7, seed=4))
+    assert len(set(queries.tolist())) == 7
+
+
+def test_grid_assignment_is_optimal_and_one_image_per_cell():
+    rng = np.random.default_rng(0)
+    coords = rng.normal(size=(5, 2))
+    points, cells = embed.grid_cells(coords, grid=3, seed=0)
+    assert sorted(points.tolist()) == list(range(5)) and len(set(cells.tolist())) == 5
+    scaled = (coords - coords.min(axis=0)) / (coords.max(axis=0) - coords.min(axis=0))
+    centres = np.array([[(c + 0.5) / 3, 1 - (r + 0.5) / 3] for r in range(3) for c in range(3)])
+    cost = ((scaled[:, None] - centres[None]) ** 2).sum(axis=2)
+    best = min(sum(cost[p, c] for p, c in enumerate(choice)) for choice in itertools.permutations(range(9), 5))
+    assert cost[points, cells].sum() == pytest.approx(best)
+    # more images than cells: a grid of 4 cells gets 4 distinct images, each in its own cell
+    points, cells = embed.grid_cells(rng.normal(size=(30, 2)), grid=2, seed=0)
+    assert len(set(points.tolist())) == 4 and sorted(cells.tolist()) == [0, 1, 2, 3]
+    # points already on a lattice stay where they are (row 0 is the top: largest y)
+    lattice = np.array([[x, y] for y in (1, 0) for x in (0, 1)], dtype=float)
+    points, cells = embed.grid_cells(lattice, grid=2, seed=0)
+    np.testing.assert_array_equal(cells[np.argsort(points)], [0, 1, 2, 3])
+
+
+def mask_png(path: Path, labels: np.ndarray) -> str:
+    """Write a label map as a Broden mask PNG (R + 256 * G); return its name."""
+    rgb = np.zeros((*labels.shape, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1] = labels % 256, labels // 256
+    Image.fromarray(rgb).save(path)
+    return path.name
+
+
+def label_broden(root: Path) -> Path:
+    """Five images: a scene (with objects), objects in two layers, a texture only, nothing at all, and a
+    texture with a missing object mask."""
+    images = root / "images"
+    images.mkdir(parents=True)
+    car, tree = np.zeros((4, 4), np.int64), np.zeros((4, 4), np.int64)
+    car[0, :3] = 1  # 3 pixels of car in layer 1 ...
+    tree[1:3, :] = 2  # ... 8 of tree in layer 1, and 2 more of car in layer 2
+    layer2 = np.zeros((4, 4), np.int64)
+    layer2[3, :2] = 1
+    masks = [mask_png(images / "o1.png", car + tree), mask_png(images / "o2.png", layer2)]
+    rows = [f"s.jpg,train,8,8,4,4,,{masks[0]},,,3,",
+            f"o.jpg,train,8,8,4,4,,{masks[0]};{masks[1]},,,,4",
+            "t.jpg,train,8,8,4,4,,,,,,4",
+            "n.jpg,train,8,8,4,4,,,,,,",
+            "m.jpg,train,8,8,4,4,,gone.png,,,,4"]
+    (root / "index.csv").write_text("image,split,ih,iw,sh,sw,color,object,part,material,scene,texture\n"
+                                    + "\n".join(rows) + "\n")
+    (root / "label.csv").write_text("number,name,category,frequency,coverage,syns\n1,car,object(2),2,0.3,\n"
+                                    "2,tree,object(2),2,0.5,\n3,meadow,scene(1),1,1.0,\n4,striped,texture(2),2,1.0,\n")
+    (root / "category.csv").write_text("name,first,last,count,frequency\nobject,1,2,2,2\nscene,3,3,1,1\n"
+                                       "texture,4,4,1,3\n")
+    codes = {"object": "1,1,car,2,0.3\n2,2,tree,2,0.5", "scene": "1,3,meadow,1,1.0", "texture": "1,4,striped,2,1.0"}
+    for category, body in codes.items():
+        (root / f"c_{category}.csv").write_text(f"code,number,name,frequency,coverage\n{body}\n")
+    return root
+
+
+def test_broden_labels_follow_scene_then_largest_object_then_texture(tmp_path, compose_config):
+    root = label_broden(tmp_path / "broden")
+    cfg = compose_config([f"dataset.root={root}"])
+    # s: scene meadow wins over its objects; o: tree (8 px) beats car (3 + 2 px) over both layers and the
+    # texture; t: texture only; n: nothing; m: its object mask is missing, so its texture
+    assert embed.probe_labels(cfg.dataset, ["n.jpg", "s.jpg", "o.jpg", "t.jpg", "m.jpg"]) == [
+        "", "meadow", "tree", "striped", "striped"]
+    assert [embed.broden_label(BrodenDataset(root), i) for i in range(5)] == [
+        (3, True), (2, True), (4, True), (0, True), (4, False)]
+
+
+def test_a_map_layer_is_averaged_over_space_for_valid_images(tmp_path):
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(20, 3, 4, 5))
+    valid = np.ones(20, bool)
+    valid[[2, 11]] = False
+    write_activation_store(tmp_path, [f"i{k}" for k in range(20)], {"conv": maps}, valid)
+    import zarr
+
+    features, rows = embed.read_features(zarr.open_group(tmp_path / "activations.zarr", mode="r"), "conv")
+    np.testing.assert_array_equal(rows, np.flatnonzero(valid))
+    expected = maps.astype(np.float16).astype(np.float64)[valid].mean(axis=(2, 3))
+    np.testing.assert_allclose(features, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_an_unextracted_layer_and_bad_settings_are_refused(tmp_path, compose_config):
+    write_activation_store(tmp_path, ["a", "b"], {"conv": np.zeros((2, 1, 2, 2))})
+    with pytest.raises(embed.EmbedError, match=r"embed.layer='fc7' was not extracted; the store holds \['conv'\]"):
+        embed.run(compose_config([f"out_dir={tmp_path}", "embed.layer=fc7"]))
+    with pytest.raises(embed.EmbedError, match=r"embed.perplexity=-1.0 is not allowed; it must be a number > 0"):
+        embed.run(compose_config([f"out_dir={tmp_path}", "embed.perplexity=-1"]))
+
+
+def test_stage_end_to_end_on_a_tiny_store(tmp_path, image_folder, tiny_checkpoint, compose_config):
+    run_dir = tmp_path / "run"
+    cfg = compose_config(tiny_overrides(image_folder, run_dir, tiny_checkpoint) + [
+        "embed.layer=classifier.fc1", "embed.perplexity=5", "embed.n_neighbors=5", "embed.thumbnail_grid=4",
+        "embed.queries=3", "embed.neighbours=4", "embed.trustworthiness_sample=30"])
+    extract.run(cfg)
+    out = embed.run(cfg)
+    coords = pd.read_parquet(out / embed.COORDS)
+    assert list(coords.columns) == ["image_id", "label", "tsne_x", "tsne_y", "umap_x", "umap_y"]
+    assert len(coords) == 40 and (coords["label"] == "").all()
+    assert coords["image_id"].tolist() == sorted(p.relative_to(image_folder).as_posix()
+                                                 for p in image_folder.rglob("img*"))
+    assert np.isfinite(coords[["tsne_x", "tsne_y", "umap_x", "umap_y"]].to_numpy()).all()
+    table = pd.read_csv(out / embed.NEIGHBOURS_CSV)
+    assert len(table) == 3 * 4 and table["rank"].tolist() == [1, 2, 3, 4] * 3
+    assert all(d.is_monotonic_increasing for _, d in table.groupby("query_image_id")["distance"])
+    summary = read_json(out / embed.SUMMARY)
+    assert (summary["images"], summary["features"], summary["used"]["pca_components"]) == (40, 128, 40)
+    assert summary["used"]["perplexity"] == 5 and summary["used"]["trustworthiness_neighbors"] == 10
+    assert 0 < summary["pca"]["explained_variance_total"] <= 1 + 1e-6
+    assert set(summary["seconds"]) >= {"pca", "tsne", "umap", "trustworthiness", "neighbours", "pictures"}
+    for name in embed.PICTURES:
+        with Image.open(out / name) as picture:
+            assert picture.size[0] > 100
+    stamp = (out / embed.SUMMARY).stat().st_mtime_ns
+    assert embed.run(cfg) == out and (out / embed.SUMMARY).stat().st_mtime_ns == stamp  # complete: skipped
+
+    html = embed_section.render(run_dir, run_dir / "report")
+    for name in embed.PICTURES:
+        assert f'src="../embed/{name}"' in html
+    assert html.count('loading="lazy"') == len(embed.PICTURES)
+    assert "perplexity" in html and f"{summary['trustworthiness']['tsne']:.3f}" in html
+
+
+def test_report_section_is_absent_without_output_and_escapes_data(tmp_path):
+    assert embed_section.render(tmp_path, tmp_path / "report") is None
+    out = tmp_path / "embed"
+    out.mkdir()
+    settings = {"layer": "<b>fc</b>", "pca_components": 50, "perplexity": 30.0, "n_neighbors": 15, "min_dist": 0.1,
+                "seed": 0, "trustworthiness_sample": 2000, "trustworthiness_neighbors": 10, "thumbnail_grid": 24,
+                "queries": 6, "neighbours": 6}
+    used = {"pca_components": 50, "perplexity": 30.0, "n_neighbors": 15, "trustworthiness_sample": 100,
+            "trustworthiness_neighbors": 10, "queries": 6, "neighbours": 6}
+    (out / embed.SUMMARY).write_text(pd.Series({
+        "settings": settings, "used": used, "layer_kind": "vector", "images": 100, "features": 64,
+        "invalid_images_left_out": 0,
+        "pca": {"components": 50, "explained_variance_total": 0.9, "explained_variance_ratio": [0.5, 0.4]},
+        "trustworthiness": {"tsne": 0.95, "umap": 0.93, "computed_on": "PCA <features>"},
+        "neighbours_space": "original", "seconds": {"tsne": 1.0, "umap": 2.0}}).to_json())
+    html = embed_section.render(tmp_path, tmp_path / "report")
+    assert "&lt;b&gt;fc&lt;/b&gt;" in html and "<b>fc" not in html and "PCA &lt;features&gt;" in html
