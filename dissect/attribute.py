@@ -133,18 +133,25 @@ AGREEMENT_CSV = "agreement.csv"
 RANDOMISATION_CSV = "randomisation.csv"
 SUMMARY_JSON = "summary.json"
 
+#: Each method and what its stored map is (summary.json and the report say it).
+MAP_CONVENTIONS = {
+    "saliency": "sum over channels of |gradient|",
+    "input_x_gradient": "sum over channels of input x gradient, signed",
+    "deconvolution": "sum over channels of |deconvnet signal|",
+    "guided_backprop": "sum over channels of |guided gradient|",
+    "grad_cam": "ReLU of the weighted layer maps, bilinearly upsampled (>= 0)",
+    "guided_grad_cam": "sum over channels of |guided backprop x Grad-CAM|",
+    "integrated_gradients": "sum over channels, signed (sums to f(x) - f(black))",
+    "occlusion": "mean output drop of the windows covering the pixel, signed",
+    "lime": "linear coefficient of the pixel's superpixel, signed",
+}
 #: Every method, in the column order of the strips.
-METHODS = ("saliency", "input_x_gradient", "deconvolution", "guided_backprop", "grad_cam", "guided_grad_cam",
-           "integrated_gradients", "occlusion", "lime")
+METHODS = tuple(MAP_CONVENTIONS)
 #: Methods whose map is a sum of absolute values (the others keep their sign).
 ABSOLUTE_METHODS = frozenset({"saliency", "deconvolution", "guided_backprop", "guided_grad_cam"})
 #: Methods that override the backward pass of nn.ReLU modules.
 GUIDED_METHODS = frozenset({"deconvolution", "guided_backprop", "guided_grad_cam"})
 UNIT_SELECTIONS = ("top", "label", "pairs", "none")
-SETTING_KEYS = ("units", "top_units", "unit_label", "unit_pairs", "images_per_unit", "class_target",
-                "class_images", "methods", "grad_cam_layer", "ig_steps", "ig_internal_batch", "occlusion_window",
-                "occlusion_stride", "lime_segments", "lime_samples", "batch_size", "randomisation_pairs",
-                "randomisation_steps", "max_correlation", "seed", "device")
 TILE = 96
 GAP = 2
 HEADER = 14
@@ -188,6 +195,9 @@ class AttributeSettings:
     max_correlation: float
     seed: int
     device: str
+
+
+SETTING_KEYS = tuple(f.name for f in fields(AttributeSettings))
 
 
 def read_settings(cfg: Mapping[str, Any]) -> AttributeSettings:
@@ -988,8 +998,7 @@ def summary(key: dict[str, Any], settings: AttributeSettings, pairs: pd.DataFram
     seconds = dict(maps.attrs["seconds"])
     methods: dict[str, dict[str, Any]] = {}
     for method in settings.methods:
-        entry: dict[str, Any] = {"map": "sum over channels of |attribution|" if method in ABSOLUTE_METHODS
-                                 else "signed", "seconds": seconds.get(method),
+        entry: dict[str, Any] = {"map": MAP_CONVENTIONS[method], "seconds": seconds.get(method),
                                  "pairs_per_second": len(pairs) / seconds[method] if seconds.get(method) else None}
         if agreement is not None and len(agreement):
             rows = agreement[(agreement["method"] == method) & agreement["inside_share"].notna()]

@@ -59,7 +59,7 @@ def methods_table(summary: dict) -> str:
 
 
 def randomisation_table(table: pd.DataFrame) -> str:
-    """Mean Spearman correlation per method (rows) after each cascade step (columns)."""
+    """Mean Spearman correlation per method (rows) after each cascade step (columns), with the pairs it is over."""
     steps = table.drop_duplicates("step").sort_values("step")
     head = "<tr><th>method</th>" + "".join(
         f"<th>{int(s.randomised)} module(s) randomised, down to {escape(str(s.deepest))}</th>"
@@ -68,7 +68,8 @@ def randomisation_table(table: pd.DataFrame) -> str:
     for method, group in table.groupby("method", sort=False):
         by_step = group.set_index("step")
         rows.append(f"<tr><td>{escape(str(method))}</td>" + "".join(
-            f"<td>{_number(by_step.at[s, 'spearman_mean'])} &plusmn; {_number(by_step.at[s, 'spearman_std'])}</td>"
+            f"<td>{_number(by_step.at[s, 'spearman_mean'])} &plusmn; {_number(by_step.at[s, 'spearman_std'])} "
+            f"(n={int(by_step.at[s, 'pairs'])})</td>"
             for s in steps["step"]) + "</tr>")
     return f"<table class='data'>{head}{''.join(rows)}</table>"
 
