@@ -1,0 +1,80 @@
+"""Receptive fields and the top-k order."""
+
+import numpy as np
+import pandas as pd
+import torchvision
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from conftest import CONF_DIR, tiny_overrides
+from data_prep.synthetic_broden import generate
+from dissect import extract, thresholds, topk
+from dissect.artifacts import open_activations
+from dissect.receptive_field import geometry_field, receptive_field
+from dissect.topk import top_images
+
+
+def test_alexnet_conv1_and_conv5_fields():
+    model = torchvision.models.alexnet(weights=None).eval()
+    conv1 = receptive_field(model, model.features[0], 227)
+    conv5 = receptive_field(model, model.features[10], 227)
+    assert (conv1.size, conv1.stride, conv1.method) == (11, 4, "geometry")
+    assert (conv5.size, conv5.stride, conv5.method) == (163, 16, "geometry")
+    assert conv1.offset == 5 - 2  # centre of the first 11-pixel window (5) minus the padding (2)
+
+
+def test_a_stack_with_dilation_and_padding():
+    stack = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=2, dilation=2),
+                          nn.MaxPool2d(2), nn.Conv2d(4, 4, 5, padding=0)).eval()
+    # by hand: 1 + 2*1 = 3; + (3-1)*2*1 = 7, jump 2; + 1*2 = 9, jump 4; + 4*4 = 25, jump 4
+    # offset: 0.5 + (1-1)*1 = 0.5; + (2-2)*1 = 0.5; + (0.5-0)*2 = 1.5; + (2-0)*4 = 9.5 -> minus 0.5 = 9
+    field = receptive_field(stack, stack[4], 64)
+    assert (field.size, field.stride, field.offset, field.method) == (25, 4, 9, "geometry")
+    assert geometry_field(list(stack)) == field
+
+
+def test_the_gradient_fallback_agrees_with_geometry_on_a_chain():
+    stack = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1)).eval()
+    for module in stack:
+        if isinstance(module, nn.Conv2d):
+            nn.init.constant_(module.weight, 0.1)
+            nn.init.constant_(module.bias, 1.0)  # every ReLU open, so every input pixel of the field moves
+    from dissect.receptive_field import gradient_field
+
+    measured = gradient_field(stack, stack[2], 33)
+    expected = geometry_field(list(stack))
+    assert (measured.size, measured.stride) == (expected.size, 33 / 17)
+    assert expected.size == 1 + 4 + 2 * 1
+
+
+def test_top_k_equals_numpy_argsort_with_ties_to_the_lower_index():
+    rng = np.random.default_rng(0)
+    maxima = rng.integers(0, 5, size=(40, 6)).astype(np.float32)  # many ties
+    valid = np.ones(40, bool)
+    valid[[2, 7]] = False
+    order = top_images(maxima, valid, k=10)
+    for unit in range(6):
+        candidates = [i for i in np.argsort(-maxima[:, unit], kind="stable") if valid[i]]
+        assert order[:, unit].tolist() == candidates[:10]
+
+
+def test_stage_writes_top_k_from_the_stored_maxima(tmp_path, tiny_checkpoint):
+    probe = generate(tmp_path / "broden", n_images=24, size=64, seed=2, workers=1)
+    overrides = tiny_overrides(probe, tmp_path / "run", tiny_checkpoint) + [
+        "dataset=default", f"dataset.root={probe}", "layers=[features.conv3]", "topk.k=5", "thresholds.quantile=0.02"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    for stage in (extract, thresholds, topk):
+        stage.run(cfg)
+    store = open_activations(tmp_path / "run")
+    maxima = store["features.conv3"]["maxima"][:]
+    table = pd.read_csv(tmp_path / "run" / "features.conv3" / "topk.csv")
+    for unit, rows in table.groupby("unit"):
+        expected = np.argsort(-maxima[:, unit].astype(np.float64), kind="stable")[:5]
+        assert rows.sort_values("rank")["image_index"].tolist() == expected.tolist()
+        np.testing.assert_allclose(rows["max_activation"], maxima[expected, unit], rtol=1e-3)
+    maps = store["features.conv3"]["maps"][:]
+    first = table.iloc[0]
+    assert maps[first["image_index"], first["unit"]][first["y"], first["x"]] == maps[first["image_index"],
+                                                                                    first["unit"]].max()
+    assert len(list((tmp_path / "run" / "features.conv3" / "strips").glob("unit_*.jpg"))) == 16
