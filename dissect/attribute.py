@@ -676,11 +676,11 @@ def concept_mask(broden: BrodenDataset, index: int, number: int, category: str, 
     return mask[np.ix_(rows, columns)]
 
 
-def agreement_table(run_dir: Path, broden: BrodenDataset, pairs: pd.DataFrame, maps: dict[str, np.ndarray],
-                    size: int) -> pd.DataFrame:
+def agreement_table(run_dir: Path, broden: BrodenDataset, pairs: pd.DataFrame, maps: zarr.Group,
+                    methods: tuple[str, ...], size: int) -> pd.DataFrame:
     """Per selected unit and method: its concept's share of the positive map mass against the chance share.
 
-    ``maps[method]`` (P, S, S) holds the maps of every pair of ``pairs``.
+    ``maps`` is maps.zarr, holding the maps of every pair of ``pairs``; a unit's pairs are consecutive.
     """
     rows = []
     units = pairs[pairs["kind"] == "unit"]
@@ -693,8 +693,8 @@ def agreement_table(run_dir: Path, broden: BrodenDataset, pairs: pd.DataFrame, m
         match = concepts[(concepts["name"] == label) & (concepts["category"] == category)]
         number = int(match["number"].iat[0])
         masks = np.stack([concept_mask(broden, int(i), number, category, size) for i in group["image_index"]])
-        for method, method_maps in maps.items():
-            share = positive_share_inside(method_maps[group["pair"].to_numpy()], masks)
+        for method, method_maps in read_maps(maps, methods, group).items():
+            share = positive_share_inside(method_maps, masks)
             used = ~np.isnan(share)
             inside = float(share[used].mean()) if used.any() else float("nan")
             chance = float(masks[used].mean()) if used.any() else float("nan")
@@ -751,19 +751,27 @@ def class_strip_path(out_dir: Path, image_index: int, target: int) -> Path:
     return out_dir / STRIPS_DIR / CLASS_STRIPS / f"image_{image_index:06d}_class_{target}.png"
 
 
-def write_strips(out_dir: Path, pairs: pd.DataFrame, images: torch.Tensor, maps: dict[str, np.ndarray]) -> None:
-    """A strip per selected unit (its images as rows) and per class pair; ``maps[method]`` is (P, S, S)."""
+def read_maps(maps: zarr.Group, methods: tuple[str, ...], rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The stored maps (``stored_form``) of consecutive pairs ``rows`` of the pair table: method -> (n, S, S)."""
+    start, stop = int(rows["pair"].iat[0]), int(rows["pair"].iat[-1]) + 1
+    return {method: maps[method][start:stop].astype(np.float32) for method in methods}
+
+
+def write_strips(out_dir: Path, pairs: pd.DataFrame, images: torch.Tensor, maps: zarr.Group,
+                 methods: tuple[str, ...]) -> None:
+    """A strip per selected unit (its images as rows) and per class pair, from maps.zarr."""
     hwc = images.permute(0, 2, 3, 1).numpy()
     groups = [(("unit", layer, unit), group) for (layer, unit), group in
               pairs[pairs["kind"] == "unit"].groupby(["layer", "target"], sort=False)]
     groups += [(("class", row.image_index, row.target), pairs.loc[[row.Index]])
                for row in pairs[pairs["kind"] == "class"].itertuples()]
     for (kind, first, second), group in tqdm(groups, desc="attribution strips", unit="strip"):
-        rows = [(hwc[p], {method: values[p].astype(np.float32) for method, values in maps.items()})
-                for p in group["pair"]]
+        stored = read_maps(maps, methods, group)
+        rows = [(hwc[p], {method: values[k] for method, values in stored.items()})
+                for k, p in enumerate(group["pair"])]
         path = unit_strip_path(out_dir, first, second) if kind == "unit" else class_strip_path(out_dir, first, second)
         path.parent.mkdir(parents=True, exist_ok=True)
-        strip_image(rows, tuple(maps)).save(path)
+        strip_image(rows, methods).save(path)
 
 
 # ------------------------------------------------------------------------------------------------- stage
@@ -926,14 +934,20 @@ def open_maps(out_dir: Path, key: dict[str, Any]) -> zarr.Group:
     return zarr.open_group(path, mode="a")
 
 
-def write_method(group: zarr.Group, method: str, maps: np.ndarray, seconds: float, batch_size: int) -> None:
-    """Store one method's maps (``stored_form``) and mark it complete."""
-    normalised, scale = stored_form(maps)
-    group.create_array(method, data=normalised, chunks=(max(1, min(batch_size, len(maps))), *maps.shape[1:]),
-                       overwrite=True)
-    group.require_group("scale").create_array(method, data=scale, overwrite=True)
+def write_method(group: zarr.Group, method: str, model: PreparedModel, pairs: pd.DataFrame, images: torch.Tensor,
+                 settings: MethodSettings, preprocessing: Preprocessing, device: torch.device, progress: tqdm) -> None:
+    """Compute one method's maps batch by batch into maps.zarr (``stored_form``), then mark the method complete."""
+    size = images.shape[-1]
+    chunk = (max(1, min(settings.batch_size, len(pairs))), size, size)
+    values = group.create_array(method, shape=(len(pairs), size, size), dtype="float16", chunks=chunk, overwrite=True)
+    scales = group.require_group("scale").create_array(method, shape=(len(pairs),), dtype="float32", overwrite=True)
+    started = time.perf_counter()
+    for batch in pair_batches(pairs, settings.batch_size):
+        rows = slice(batch.start, batch.stop)
+        values[rows], scales[rows] = stored_form(compute_maps(model, pairs.iloc[rows], images[rows], method, settings,
+                                                              preprocessing, settings.batch_size, device, progress))
     group.attrs.update({"complete": [*group.attrs["complete"], method],
-                        "seconds": {**group.attrs["seconds"], method: seconds}})
+                        "seconds": {**group.attrs["seconds"], method: time.perf_counter() - started}})
 
 
 def run(cfg: DictConfig) -> Path:
@@ -967,15 +981,12 @@ def run(cfg: DictConfig) -> Path:
     with tqdm(total=len(todo) * len(pairs), desc="attribute", unit="map") as progress:
         for method in todo:
             progress.set_postfix_str(method)
-            started = time.perf_counter()
-            computed = compute_maps(model, pairs, images, method, method_settings, preprocessing,
-                                    settings.batch_size, device, progress)
-            write_method(maps, method, computed, time.perf_counter() - started, settings.batch_size)
-    stored = {method: maps[method][:] for method in settings.methods}
-    write_strips(out_dir, pairs, images, stored)
+            write_method(maps, method, model, pairs, images, method_settings, preprocessing, device, progress)
+    write_strips(out_dir, pairs, images, maps, settings.methods)
     agreement = None
     if cfg.dataset.kind == "broden" and (pairs["kind"] == "unit").any():
-        agreement = agreement_table(run_dir, BrodenDataset(probe.root), pairs, stored, loaded.input_size)
+        agreement = agreement_table(run_dir, BrodenDataset(probe.root), pairs, maps, settings.methods,
+                                    loaded.input_size)
         agreement.to_csv(out_dir / AGREEMENT_CSV, index=False, float_format="%.6f")
     randomisation = None
     if settings.randomisation_pairs > 0:
@@ -983,7 +994,7 @@ def run(cfg: DictConfig) -> Path:
                            ).astype(int)
         subset = pairs.iloc[chosen].reset_index(drop=True)
         randomisation = randomisation_check(model, subset, images[chosen],
-                                            {method: values[chosen] for method, values in stored.items()},
+                                            {m: np.stack([maps[m][p] for p in chosen]) for m in settings.methods},
                                             method_settings, preprocessing, settings.batch_size,
                                             settings.randomisation_steps, device)
         randomisation.to_csv(out_dir / RANDOMISATION_CSV, index=False, float_format="%.6f")

@@ -11,7 +11,7 @@ import scipy.stats
 import torch
 import zarr
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
@@ -42,7 +42,7 @@ IDENTITY = Preprocessing(input_size=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0
 CPU = torch.device("cpu")
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "deconvolution", "guided_backprop", "grad_cam",
                     "guided_grad_cam", "integrated_gradients")
-#: The stage settings of these tests (conf/config.yaml holds the defaults of a real run).
+#: The stage settings of these tests (conf/config.yaml holds those of a real run).
 SETTINGS = {"units": "top", "top_units": 2, "unit_label": None, "unit_pairs": [], "images_per_unit": 3,
             "class_target": "predicted", "class_images": 2, "methods": "all", "grad_cam_layer": None,
             "ig_steps": 16, "ig_internal_batch": 32, "occlusion_window": 8, "occlusion_stride": 4,
@@ -340,7 +340,9 @@ def test_randomising_the_weights_changes_grad_cam_and_integrated_gradients():
 # --------------------------------------------------------------------------------------- the whole stage
 
 
-def test_settings_errors_name_the_key_and_what_is_allowed():
+def test_settings_errors_name_the_key_and_what_is_allowed(compose_config):
+    defaults = read_settings(compose_config([]).attribute)  # conf/config.yaml holds every key, valid
+    assert defaults.methods == METHODS and defaults.units == "top"
     with pytest.raises(AttributionError, match="allowed: all, or a list of saliency"):
         read_settings({**SETTINGS, "methods": ["saliency", "smoothgrad"]})
     with pytest.raises(AttributionError, match=r"missing key\(s\) \['seed'\]"):
@@ -368,8 +370,7 @@ def planted_run(tmp_path_factory):
                  "thresholds.quantile=0.005", "topk.k=4"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    with open_dict(cfg):  # until conf/config.yaml has its attribute section
-        cfg.attribute = {**SETTINGS, "units": "label", "unit_label": f"red-c{HOSTILE}"}
+    cfg = OmegaConf.merge(cfg, {"attribute": {**SETTINGS, "units": "label", "unit_label": f"red-c{HOSTILE}"}})
     for stage in (extract, thresholds, tally, topk):
         stage.run(cfg)
     return cfg, attribute.run(cfg)
