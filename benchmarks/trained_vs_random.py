@@ -1,6 +1,6 @@
 """Network Dissection's sanity result on the embedded defaults: trained weights against random weights.
 
-Usage: ``python benchmarks/trained_vs_random.py [--seed 0] [--layers features.conv3 features.conv4]``
+Usage: ``python benchmarks/trained_vs_random.py [--seed 0] [--layers features.relu3 features.relu4]``
 
 Dissects (extract, thresholds, tally) the embedded default model
 (``data/embedded_model/model.pt``, trained by ``make model``) and the same

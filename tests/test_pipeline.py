@@ -10,9 +10,9 @@ from dissect.pipeline import STAGES, ConfigError, selected_stages
 
 
 def test_every_model_config_composes(compose_config):
-    for model, size, layers in (("alexnet", 227, ["features.10", "classifier.4"]),
+    for model, size, layers in (("alexnet", 227, ["features.11", "classifier.4"]),
                                 ("resnet18", 224, ["layer4", "avgpool"]),
-                                ("default", 224, ["features.conv3", "features.conv4", "classifier.fc1"])):
+                                ("default", 224, ["features.relu3", "features.relu4", "classifier.fc1"])):
         cfg = compose_config([f"model={model}"])
         assert cfg.model.input_size == size
         assert list(cfg.layers) == layers
