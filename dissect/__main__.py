@@ -34,7 +34,8 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", error)
         sys.exit(2)
     for stage, path in outputs.items():
-        print(f"{stage}: {path}")
+        if stage != "report":
+            print(f"{stage}: {path}")
     if "tally" in outputs:
         print(summary_table(outputs["tally"], [str(layer) for layer in cfg.layers]))
     if "report" in outputs:
