@@ -3,8 +3,9 @@
 It is trained on the generated probe set by ``python -m data_prep train-embedded``
 to classify each image's whole-image label (its scene or its texture), and is
 dissected like any torchvision network. Layer names (for ``layers=[...]``):
-``features.conv1`` .. ``features.conv4`` (maps), ``classifier.fc1`` (the
-penultimate 128-d vector) and ``classifier.fc2`` (logits).
+``features.conv1`` .. ``features.conv4`` (raw maps), ``features.relu1`` ..
+``features.relu4`` (the maps after their ReLU, which are dissected by default),
+``classifier.fc1`` (the penultimate 128-d vector) and ``classifier.fc2`` (logits).
 """
 
 from collections import OrderedDict

@@ -39,7 +39,7 @@ from zarr.codecs import BloscCodec
 
 from dissect.artifacts import ACTIVATIONS, EXTRACT_PROGRESS, SKIPPED_IMAGES, read_json, write_json_atomic
 from dissect.devices import pick_device
-from dissect.layers import LayerRecorder, get_layer
+from dissect.layers import LayerRecorder, get_layer, layer_kind
 from dissect.models import LoadedModel, load_model
 from dissect.probe import Preprocessing, ProbeImages, ProbeSet, open_probe_set
 
@@ -189,16 +189,11 @@ def probe_layers(module: torch.nn.Module, names: list[str], input_size: int, dev
         outputs = recorder.run(blank)
     specs = []
     for name in names:
-        shape = tuple(outputs[name].shape[1:])
-        if len(shape) == 3 and shape[1:] == (1, 1):
-            kind, shape = "vector", shape[:1]
-        elif len(shape) == 3:
-            kind = "map"
-        elif len(shape) == 1:
-            kind = "vector"
-        else:
-            raise ExtractError(f"layer {name!r} outputs shape {tuple(outputs[name].shape)}; "
-                               "only (N, C, h, w) maps and (N, D) vectors can be recorded")
+        try:
+            kind = layer_kind(outputs[name])
+        except ValueError as error:
+            raise ExtractError(f"layer {name!r}: {error}") from error
+        shape = tuple(outputs[name].shape[1:]) if kind == "map" else (outputs[name].shape[1],)
         specs.append(LayerSpec(name, kind, shape, type(get_layer(module, name)).__name__))
     return specs
 

@@ -66,9 +66,10 @@ def _unknown_layer_message(
 
 
 def layer_kind(output: torch.Tensor) -> str:
-    """Kind of a layer output: 'map' for (N, C, h, w) feature maps, 'vector' for (N, D)."""
+    """Kind of a layer output: 'map' for (N, C, h, w) feature maps with h * w > 1, 'vector' for (N, D)
+    and for pooled (N, C, 1, 1) outputs."""
     if output.ndim == 4:
-        return "map"
+        return "vector" if output.shape[2:] == (1, 1) else "map"
     if output.ndim == 2:
         return "vector"
     raise ValueError(

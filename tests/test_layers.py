@@ -190,5 +190,6 @@ def test_recorder_validates_layer_list(alexnet: nn.Module) -> None:
 def test_layer_kind() -> None:
     assert layer_kind(torch.zeros(2, 8, 5, 5)) == "map"
     assert layer_kind(torch.zeros(2, 8)) == "vector"
+    assert layer_kind(torch.zeros(2, 8, 1, 1)) == "vector"  # a pooled output, e.g. ResNet avgpool
     with pytest.raises(ValueError, match=r"shape \(2, 197, 768\) is neither"):
         layer_kind(torch.zeros(2, 197, 768))
