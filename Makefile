@@ -60,8 +60,9 @@ model: $(EMBEDDED)/model.pt
 $(EMBEDDED)/model.pt: $(SYNTHETIC)/index.csv
 	$(BIN)/python -m data_prep train-embedded --data $(SYNTHETIC) --out $(EMBEDDED)
 
-benchmarks: $(STAMP)
+benchmarks: $(STAMP) $(EMBEDDED)/model.pt
 	$(BIN)/python benchmarks/extract.py
+	$(BIN)/python benchmarks/tally.py
 
 clean-results:
 	rm -rf results
