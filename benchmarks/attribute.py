@@ -9,6 +9,12 @@ targets (B,)) and once with ``batch_size = 1`` (one Captum call per pair). Each
 method runs once untimed first (warm-up), then the best of ``--repeats`` timed
 runs is kept. Weights are random (speed does not depend on them). The maps of
 the two paths are checked to agree. Prints pairs/s of each path and the speed-up.
+
+It also prints the ceiling of any batching on this machine: plain
+``torch.autograd`` (no Captum) gradients of the same unit maxima with respect
+to the input, all pairs in one batch against one pair at a time. Where the
+per-pair path is already bound by the arithmetic of the forward and backward
+passes (small models on a CPU), batching cannot beat this ratio.
 """
 
 import argparse
@@ -26,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import photo_crops  # noqa: E402
 
-from dissect.attribute import METHODS, MethodSettings, compute_maps, prepare_model  # noqa: E402
+from dissect.attribute import METHODS, MethodSettings, compute_maps, explained, prepare_model  # noqa: E402
 from dissect.embedded_model import SmallCNN  # noqa: E402
 from dissect.probe import Preprocessing  # noqa: E402
 
@@ -48,6 +54,15 @@ def timed(function, repeats: int) -> tuple[float, np.ndarray]:
         result = function()
         best = min(best, time.perf_counter() - started)
     return best, result
+
+
+def input_gradients(module: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> None:
+    """Gradients of module(inputs)[i, targets[i]] with respect to inputs (N, 3, S, S), batch_size rows at a time."""
+    for start in range(0, len(inputs), batch_size):
+        rows = inputs[start:start + batch_size].clone().requires_grad_(True)
+        scores = module(rows)
+        picked = scores[torch.arange(len(rows)), targets[start:start + batch_size]].sum()
+        torch.autograd.grad(picked, rows)
 
 
 def main() -> None:
@@ -72,6 +87,12 @@ def main() -> None:
     print(f"{args.model}, {size} px, {args.pairs} (unit, image) pairs of {layer}, {torch.get_num_threads()} "
           f"threads; best of {args.repeats}")
     print(f"{'method':<22}{'batched pairs/s':>17}{'per-pair pairs/s':>18}{'speed-up':>10}")
+    module = explained(model, layer, None).module
+    inputs, targets = preprocessing.normalise(images), torch.from_numpy(units)
+    batched_s, _ = timed(lambda: input_gradients(module, inputs, targets, args.pairs), args.repeats)
+    single_s, _ = timed(lambda: input_gradients(module, inputs, targets, 1), args.repeats)
+    print(f"{'(ceiling: autograd)':<22}{args.pairs / batched_s:>17.1f}{args.pairs / single_s:>18.1f}"
+          f"{single_s / batched_s:>9.1f}x")
     for method in args.methods:
         batched_s, batched = timed(lambda: compute_maps(model, pairs, images, method, settings, preprocessing,
                                                         args.pairs, device), args.repeats)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from data_prep.broden_download import SIZES, DownloadError, download
 from data_prep.synthetic_broden import LABELS, generate, is_complete
-from data_prep.train_embedded import train_embedded
+from data_prep.train_embedded import EPOCHS, train_embedded
 from data_prep.verify_broden import verify
 from dissect.broden import BrodenDataset
 
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train = commands.add_parser("train-embedded", help="train the embedded default model on the generated set")
     train.add_argument("--data", type=Path, default=Path("data/synthetic_broden"))
     train.add_argument("--out", type=Path, default=Path("data/embedded_model"))
-    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--epochs", type=int, default=EPOCHS)
     train.add_argument("--lr", type=float, default=3e-3)
     train.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)

