@@ -211,7 +211,9 @@ def test_one_batched_call_gives_the_maps_of_one_call_per_pair():
         one_by_one = np.concatenate([compute_maps(model, pairs.iloc[[p]], images[p:p + 1], method, settings,
                                                   preprocessing, 1, CPU) for p in range(len(pairs))])
         assert np.abs(batched).max() > 0, method
-        np.testing.assert_allclose(batched, one_by_one, rtol=1e-4, atol=1e-6 * np.abs(batched).max(),
+        # Convolutions sum in another order at another batch size; an occlusion map is a difference of two
+        # outputs, so its rounding is float32's epsilon times the output (about 1e-7 here), not times the map.
+        np.testing.assert_allclose(batched, one_by_one, rtol=1e-4, atol=1e-5 * np.abs(batched).max(),
                                    err_msg=method)
 
 
@@ -329,7 +331,7 @@ def test_randomising_the_weights_changes_grad_cam_and_integrated_gradients():
                for m in methods}
     table = randomisation_check(model, pairs, images[:6], trained, settings, preprocessing, 6, steps=3, device=CPU)
     assert table["step"].tolist() == [1] * 3 + [2] * 3 + [3] * 3
-    assert table["randomised"].iloc[-1] == 6  # conv1..conv4, fc1, fc2
+    assert table["randomised"].iloc[-1] == 10  # conv1..conv4, bn1..bn4, fc1, fc2
     assert table["deepest"].iloc[-1] == "features.conv1"
     final = table[table["step"] == 3].set_index("method")["spearman_mean"]
     assert final["grad_cam"] < 0.4 and final["integrated_gradients"] < 0.4, final.to_dict()

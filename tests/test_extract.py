@@ -30,11 +30,15 @@ def direct_outputs(checkpoint: Path, image_paths: list[Path]) -> dict[str, np.nd
         rgb = Image.open(path).convert("RGB").resize((64, 64), Image.BILINEAR)
         images.append((np.asarray(rgb, dtype=np.float32) / 255.0 - 0.5) / 0.25)
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    outputs = {}
     with torch.no_grad():
-        conv2 = model.features.conv2(model.features[:3](batch))
-        conv4 = model.features.conv4(model.features[:9](batch))
-        fc1 = model.classifier.fc1(model.pool(model.features(batch)).flatten(1))
-    return {"features.conv2": conv2.numpy(), "features.conv4": conv4.numpy(), "classifier.fc1": fc1.numpy()}
+        x = batch
+        for name, module in model.features.named_children():  # conv, bn, relu, pool, ... in order
+            x = module(x)
+            outputs[f"features.{name}"] = x.clone()
+        fc1 = model.classifier.fc1(model.pool(x).flatten(1))
+    return {"features.conv2": outputs["features.conv2"].numpy(), "features.conv4": outputs["features.conv4"].numpy(),
+            "classifier.fc1": fc1.numpy()}
 
 
 def test_arrays_equal_a_direct_forward_pass(image_folder, tiny_checkpoint, tmp_path, compose_config):
