@@ -88,7 +88,8 @@ def main() -> None:
           f"threads; best of {args.repeats}")
     print(f"{'method':<22}{'batched pairs/s':>17}{'per-pair pairs/s':>18}{'speed-up':>10}")
     module = explained(model, layer, None).module
-    inputs, targets = preprocessing.normalise(images), torch.from_numpy(units)
+    inputs = preprocessing.normalise(images).contiguous(memory_format=torch.channels_last)  # as compute_maps
+    targets = torch.from_numpy(units)
     batched_s, _ = timed(lambda: input_gradients(module, inputs, targets, args.pairs), args.repeats)
     single_s, _ = timed(lambda: input_gradients(module, inputs, targets, 1), args.repeats)
     print(f"{'(ceiling: autograd)':<22}{args.pairs / batched_s:>17.1f}{args.pairs / single_s:>18.1f}"
