@@ -57,7 +57,8 @@ $(SYNTHETIC)/index.csv: | $(STAMP)
 
 model: $(EMBEDDED)/model.pt
 
-$(EMBEDDED)/model.pt: $(SYNTHETIC)/index.csv
+# Retrained when the recipe or the architecture changes.
+$(EMBEDDED)/model.pt: $(SYNTHETIC)/index.csv data_prep/train_embedded.py dissect/embedded_model.py
 	$(BIN)/python -m data_prep train-embedded --data $(SYNTHETIC) --out $(EMBEDDED)
 
 benchmarks: $(STAMP) $(EMBEDDED)/model.pt

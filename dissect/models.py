@@ -242,7 +242,7 @@ def _build_torchvision(
         kwargs["num_classes"] = num_classes
     module = _get_model(arch, None, kwargs)
     if state_dict is not None:
-        _load_state_dict(module, state_dict, checkpoint)
+        _load_state_dict(module, state_dict, checkpoint, "model.num_classes")
         if arch == "googlenet" and "aux_logits" not in user_kwargs:
             _drop_googlenet_aux(module)
     description["weights"] = None
@@ -333,7 +333,7 @@ def _build_target(config: dict[str, Any], checkpoint: str | None) -> tuple[nn.Mo
             f"model.module {target!r} built a {type(module).__name__}, not a torch.nn.Module."
         )
     if checkpoint is not None:
-        _load_state_dict(module, _read_state_dict(checkpoint, arch=None), checkpoint)
+        _load_state_dict(module, _read_state_dict(checkpoint, arch=None), checkpoint, "model.module.num_classes")
     return module, {"source": "target", "target": target, "weights": None, "num_classes": None}
 
 
@@ -378,7 +378,7 @@ def _strip_data_parallel(key: str) -> str:
     return ".".join(part for part in key.split(".") if part != "module")
 
 
-def _load_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], path: str) -> None:
+def _load_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], path: str, classes_key: str) -> None:
     """Load ``state_dict`` strictly, summarising any mismatch in a ModelLoadError."""
     expected = module.state_dict()
     # BatchNorm fills in 'num_batches_tracked' missing from checkpoints saved by old PyTorch.
@@ -403,13 +403,13 @@ def _load_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], pat
         ]
         raise ModelLoadError(
             f"Checkpoint {path!r} does not match {type(module).__name__}: {'; '.join(problems)}. "
-            f"{_num_classes_hint(state_dict, expected)}"
+            f"{_num_classes_hint(state_dict, expected, classes_key)}"
         )
     module.load_state_dict(state_dict, strict=True)
 
 
-def _num_classes_hint(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
-    """Suggest ``model.num_classes`` when only the classifier's output size differs."""
+def _num_classes_hint(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], classes_key: str) -> str:
+    """Suggest a value for ``classes_key`` (the config key of the class count) when the output size differs."""
     sizes = {
         int(state_dict[key].shape[0])
         for key in state_dict
@@ -420,5 +420,5 @@ def _num_classes_hint(state_dict: dict[str, torch.Tensor], expected: dict[str, t
     }
     if len(sizes) == 1:
         n_classes = sizes.pop()
-        return f"If the checkpoint has {n_classes} classes, set model.num_classes={n_classes}."
-    return "Check model.arch, and model.num_classes if the checkpoint has a different number of classes."
+        return f"If the checkpoint has {n_classes} classes, set {classes_key}={n_classes}."
+    return f"Check the architecture, and {classes_key} if the checkpoint has a different number of classes."

@@ -315,6 +315,24 @@ def test_target_module_built_by_hydra_and_checkpoint_loaded(tmp_path: Path) -> N
     assert loaded.input_size == 32 and loaded.std == (0.25, 0.25, 0.25)
 
 
+def test_embedded_checkpoint_of_the_previous_recipe_names_the_keys_to_set(tmp_path: Path) -> None:
+    """A SmallCNN checkpoint without batch norm and with 29 outputs (the old default) against today's config."""
+    from dissect.embedded_model import SmallCNN
+
+    path = tmp_path / "old.pt"
+    torch.save(SmallCNN(num_classes=29, batch_norm=False).state_dict(), path)
+    config = {"name": "embedded", "source": "target", "checkpoint": str(path), "input_size": 224,
+              "mean": [0.5] * 3, "std": [0.25] * 3,
+              "module": {"_target_": "dissect.embedded_model.SmallCNN", "num_classes": 36}}
+    with pytest.raises(ModelLoadError) as info:
+        load_model(OmegaConf.create(config))
+    message = str(info.value)
+    assert "missing key(s) ['features.bn1.weight'" in message
+    assert "model.module.num_classes=29" in message
+    config["module"].update(num_classes=29, batch_norm=False)
+    assert_same_state(load_model(OmegaConf.create(config)).module, torch.load(path, weights_only=True))
+
+
 def test_target_that_is_not_a_module_rejected() -> None:
     config = target_config()
     config["module"] = {"_target_": "builtins.dict", "a": 1}
