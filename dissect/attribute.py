@@ -333,8 +333,9 @@ def prepare_model(model: nn.Module, example: torch.Tensor, methods: tuple[str, .
 
     Convolution weights are stored channels-last (with channels-last inputs,
     ``compute_maps``, a forward and backward pass of a convolutional network
-    runs about 1.5x faster on the CPU). In-place operations are turned off; a ReLU module called k > 1 times in the
-    forward pass of ``example`` (N, 3, S, S) is replaced by ``DistinctCalls``.
+    runs about 1.5x faster on the CPU). In-place operations are turned off; a
+    ReLU module called k > 1 times in the forward pass of ``example``
+    (N, 3, S, S) is replaced by ``DistinctCalls``.
 
     Raises:
         AttributionError: if guided methods are asked for and the model applies
