@@ -11,6 +11,8 @@ from typing import Any
 
 import zarr
 
+from dissect.errors import ArtifactError
+
 ACTIVATIONS = "activations.zarr"
 EXTRACT_PROGRESS = "extract_progress.json"
 SKIPPED_IMAGES = "skipped_images.csv"
@@ -36,8 +38,8 @@ def open_activations(run_dir: Path) -> zarr.Group:
     """Open a finished extract stage's store read-only; raise if it is missing or unfinished."""
     path = Path(run_dir) / ACTIVATIONS
     if not path.is_dir():
-        raise FileNotFoundError(f"no activations at {path}; run the extract stage first (stages=[extract])")
+        raise ArtifactError(f"no activations at {path}; run the extract stage first (stages=[extract])")
     group = zarr.open_group(path, mode="r")
     if not group.attrs.get("complete", False):
-        raise RuntimeError(f"the activations at {path} are unfinished; run the extract stage again to finish them")
+        raise ArtifactError(f"the activations at {path} are unfinished; run the extract stage again to finish them")
     return group

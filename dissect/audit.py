@@ -74,6 +74,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dissect.artifacts import open_activations, read_json, write_json_atomic
+from dissect.errors import DissectError
 from dissect.models import load_model
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ NEAR_ZERO_NORM = 0.01
 GRID_MIN_WIDTH = 512
 
 
-class AuditError(ValueError):
+class AuditError(DissectError):
     """The audit cannot run with this configuration or run directory."""
 
 
@@ -376,6 +377,12 @@ def is_done(audit_dir: Path, settings: dict[str, Any]) -> bool:
         return False
     summary = read_json(path)
     return summary["settings"] == settings and all((audit_dir / name).exists() for name in summary["files"])
+
+
+def check(cfg: DictConfig) -> None:
+    """Refuse bad audit settings before any stage runs."""
+    check_settings(float(cfg.audit.nearly_dead_share), float(cfg.audit.always_on_share),
+                   int(cfg.audit.histogram_bins))
 
 
 def run(cfg: DictConfig) -> Path:

@@ -22,11 +22,12 @@ import pandas as pd
 
 from dissect.artifacts import read_json
 from dissect.audit import AUDIT_DIR, DEAD_SHARE_WARNING, SUMMARY_JSON, UNITS_CSV
+from dissect.errors import DissectError
 
 COLUMNS = ["layer", "checkpoint", "units", "dead", "nearly_dead", "dead_share", "died", "came_back"]
 
 
-class CompareError(ValueError):
+class CompareError(DissectError):
     """The audits cannot be compared."""
 
 

@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from dissect.errors import DataError
+
 CATEGORIES = ("color", "object", "part", "material", "scene", "texture")
 PIXEL_CATEGORIES = ("color", "object", "part", "material")
 IMAGE_CATEGORIES = ("scene", "texture")
@@ -36,7 +38,7 @@ CODE_COLUMNS = ["code", "number", "name", "frequency", "coverage"]
 _CATEGORY_COUNT = re.compile(r"^([a-z_]+)\((\d+)\)$")
 
 
-class BrodenFormatError(ValueError):
+class BrodenFormatError(DataError):
     """A Broden file is missing or malformed; the message names the file, the row and what was expected."""
 
 

@@ -39,6 +39,7 @@ from zarr.codecs import BloscCodec
 
 from dissect.artifacts import ACTIVATIONS, EXTRACT_PROGRESS, SKIPPED_IMAGES, read_json, write_json_atomic
 from dissect.devices import pick_device
+from dissect.errors import DissectError
 from dissect.layers import LayerRecorder, get_layer, layer_kind
 from dissect.models import LoadedModel, load_model
 from dissect.probe import Preprocessing, ProbeImages, ProbeSet, open_probe_set
@@ -49,7 +50,7 @@ MAX_PENDING_WRITES = 4
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
 
-class ExtractError(RuntimeError):
+class ExtractError(DissectError):
     """The extract stage cannot run with this configuration or run directory."""
 
 
@@ -138,17 +139,27 @@ class ExtractProgress:
         })
 
 
+def check(cfg: DictConfig) -> None:
+    """Refuse bad extract settings before any stage runs (no disk or model access)."""
+    device = pick_device(str(cfg.extract.device), "extract.device")
+    loader_workers(cfg.extract.num_workers, device)
+    layer_names = [str(name) for name in cfg.layers]
+    if not layer_names or len(set(layer_names)) != len(layer_names):
+        raise ExtractError(f"layers={layer_names} must name at least one layer, each once")
+    if int(cfg.extract.batch_size) < 1:
+        raise ExtractError(f"extract.batch_size={cfg.extract.batch_size} must be an integer >= 1")
+
+
 def run(cfg: DictConfig) -> Path:
     """Run the extract stage for ``cfg`` and return the path of the Zarr store."""
+    check(cfg)
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     probe = open_probe_set(cfg.dataset)
     loaded = load_model(cfg.model)
-    device = pick_device(str(cfg.extract.device))
+    device = pick_device(str(cfg.extract.device), "extract.device")
     preprocessing = Preprocessing(loaded.input_size, loaded.mean, loaded.std)
     layer_names = [str(name) for name in cfg.layers]
-    if not layer_names or len(set(layer_names)) != len(layer_names):
-        raise ExtractError(f"layers={layer_names} must name at least one layer, each once")
     for name in layer_names:
         get_layer(loaded.module, name)  # fails early, listing valid names nearby
     module = loaded.module.to(device)
@@ -280,7 +291,10 @@ def loader_workers(requested: int | str, device: torch.device) -> int:
     """
     if requested == "auto":
         return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
-    workers = int(requested)
+    try:
+        workers = int(requested)
+    except ValueError:
+        workers = -1
     if workers < 0:
         raise ExtractError(f"extract.num_workers={requested} must be auto or a number >= 0")
     return workers

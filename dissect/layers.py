@@ -16,10 +16,12 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from dissect.errors import ConfigError
+
 _N_CLOSE = 8
 
 
-class UnknownLayerError(ValueError):
+class UnknownLayerError(ConfigError):
     """A layer name does not name a submodule of the model."""
 
 

@@ -29,6 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchvision.models import WeightsEnum
 
+from dissect.errors import DissectError
+
 SOURCES = ("torchvision", "target")
 CONFIG_KEYS = (
     "name",
@@ -69,7 +71,7 @@ _OLD_DENSENET_KEY = re.compile(
 _N_KEYS_SHOWN = 5
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(DissectError):
     """The model config cannot be turned into a model."""
 
 

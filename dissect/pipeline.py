@@ -1,37 +1,38 @@
 """The stage registry and the runner of ``python -m dissect``.
 
 Stages run in pipeline order; each reads the artifacts of earlier stages from
-the run directory and writes its own (see README). No stage imports another.
+the run directory and writes its own (see README). A stage module has
+``run(cfg) -> Path`` and may have ``check(cfg) -> None``, which refuses bad
+settings without touching the disk: the runner calls the check of every
+selected stage before the first one runs, so a mistake in a late stage's
+settings costs nothing. Stage modules are imported only when selected (the
+report does not import Captum, a run of one stage not the others).
 """
 
+import importlib
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 from omegaconf import DictConfig, ListConfig
 
-from dissect import attribute, audit, embed, extract, tally, thresholds, topk
-from reports import build as report
+from dissect.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-Stage = Callable[[DictConfig], Path]
-
-#: Every stage, in pipeline order.
-STAGES: dict[str, Stage] = {
-    "extract": extract.run,
-    "thresholds": thresholds.run,
-    "tally": tally.run,
-    "topk": topk.run,
-    "audit": audit.run,
-    "embed": embed.run,
-    "attribute": attribute.run,
-    "report": report.run,
+#: Every stage, in pipeline order, and the module that implements it.
+STAGES: dict[str, str] = {
+    "extract": "dissect.extract",
+    "thresholds": "dissect.thresholds",
+    "tally": "dissect.tally",
+    "topk": "dissect.topk",
+    "audit": "dissect.audit",
+    "embed": "dissect.embed",
+    "attribute": "dissect.attribute",
+    "report": "reports.build",
 }
-
-
-class ConfigError(ValueError):
-    """A configuration value that is not allowed."""
 
 
 def selected_stages(requested: str | Sequence[str]) -> list[str]:
@@ -47,11 +48,22 @@ def selected_stages(requested: str | Sequence[str]) -> list[str]:
     return [name for name in STAGES if name in requested]
 
 
+def stage_module(name: str) -> ModuleType:
+    """The module of stage ``name`` (imported on first use)."""
+    return importlib.import_module(STAGES[name])
+
+
 def run_pipeline(cfg: DictConfig) -> dict[str, Path]:
-    """Run the selected stages of ``cfg`` in order; return each stage's output path."""
+    """Check the settings of the selected stages of ``cfg``, then run them in order; return each one's output."""
     requested = list(cfg.stages) if isinstance(cfg.stages, ListConfig) else str(cfg.stages)
+    modules = {name: stage_module(name) for name in selected_stages(requested)}
+    for module in modules.values():
+        if hasattr(module, "check"):
+            module.check(cfg)
     outputs = {}
-    for name in selected_stages(requested):
+    for name, module in modules.items():
         log.info("stage %s", name)
-        outputs[name] = STAGES[name](cfg)
+        started = time.perf_counter()
+        outputs[name] = module.run(cfg)
+        log.info("stage %s took %.1f s", name, time.perf_counter() - started)
     return outputs

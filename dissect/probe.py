@@ -16,12 +16,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dissect.broden import BrodenDataset
+from dissect.errors import DataError
 
 PROBE_KINDS = ("broden", "folder")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class ProbeSetError(ValueError):
+class ProbeSetError(DataError):
     """A probe set configuration or directory that cannot be used."""
 
 

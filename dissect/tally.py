@@ -40,6 +40,7 @@ from tqdm import tqdm
 from dissect.artifacts import ACTIVATIONS, open_activations, read_json, write_json_atomic
 from dissect.broden import CATEGORIES, IMAGE_CATEGORIES, PIXEL_CATEGORIES, BrodenDataset, BrodenFormatError
 from dissect.cluster import dask_client
+from dissect.errors import DissectError
 from dissect.thresholds import map_layers, read_thresholds
 from dissect.upsample import fired_masks, float32_below
 
@@ -53,7 +54,7 @@ SUMMARY_JSON = "summary.json"
 SKIPPED_MASKS = "skipped_masks.csv"
 
 
-class TallyError(RuntimeError):
+class TallyError(DissectError):
     """The tally cannot run on this probe set or run directory."""
 
 
@@ -139,6 +140,14 @@ def iou_matrix(intersection: np.ndarray, activation: np.ndarray, truth: np.ndarr
     inter = intersection[:, 1:].astype(np.float64)
     union = activation[:, label_categories[1:]] + truth[None, 1:] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def check(cfg: DictConfig) -> None:
+    """Refuse bad tally settings before any stage runs."""
+    if not 0 <= float(cfg.tally.iou_threshold) < 1:
+        raise TallyError(f"tally.iou_threshold={cfg.tally.iou_threshold} must lie in [0, 1) (0.04 is standard)")
+    if int(cfg.tally.block_images) < 1:
+        raise TallyError(f"tally.block_images={cfg.tally.block_images} must be an integer >= 1")
 
 
 def run(cfg: DictConfig) -> Path:

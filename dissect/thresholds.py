@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from dissect.artifacts import open_activations, read_json, write_json_atomic
 from dissect.cluster import dask_client
+from dissect.errors import DissectError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ THRESHOLDS_CSV = "thresholds.csv"
 THRESHOLDS_JSON = "thresholds.json"
 
 
-class ThresholdsError(ValueError):
+class ThresholdsError(DissectError):
     """Thresholds cannot be computed with this configuration or run directory."""
 
 
@@ -97,13 +98,21 @@ def map_layers(store: zarr.Group, requested: list[str]) -> list[str]:
     return [name for name in requested if store.attrs["layers"][name]["kind"] == "map"]
 
 
-def run(cfg: DictConfig) -> Path:
-    """Compute thresholds for every map layer of ``cfg.layers``; skip layers already done at this quantile."""
-    run_dir = Path(cfg.out_dir)
-    store = open_activations(run_dir)
+def check(cfg: DictConfig) -> None:
+    """Refuse bad thresholds settings before any stage runs."""
     quantile = float(cfg.thresholds.quantile)
     if not 0 < quantile < 1:
         raise ThresholdsError(f"thresholds.quantile={quantile} must lie strictly between 0 and 1 (0.005 is standard)")
+    if int(cfg.thresholds.block_images) < 1:
+        raise ThresholdsError(f"thresholds.block_images={cfg.thresholds.block_images} must be an integer >= 1")
+
+
+def run(cfg: DictConfig) -> Path:
+    """Compute thresholds for every map layer of ``cfg.layers``; skip layers already done at this quantile."""
+    check(cfg)
+    run_dir = Path(cfg.out_dir)
+    store = open_activations(run_dir)
+    quantile = float(cfg.thresholds.quantile)
     todo = []
     for layer in map_layers(store, [str(name) for name in cfg.layers]):
         meta = run_dir / layer / THRESHOLDS_JSON

@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dissect.artifacts import ACTIVATIONS, open_activations, write_json_atomic
+from dissect.errors import DissectError
 from dissect.layers import get_layer
 from dissect.models import load_model
 from dissect.probe import open_probe_set
@@ -45,7 +46,7 @@ GAP = 2
 DARKEN = 0.25
 
 
-class TopkError(ValueError):
+class TopkError(DissectError):
     """The top-k images cannot be collected for this run directory and probe set."""
 
 
@@ -97,8 +98,15 @@ def read_rows(maps: zarr.Array, indices: np.ndarray) -> dict[int, np.ndarray]:
     return rows
 
 
+def check(cfg: DictConfig) -> None:
+    """Refuse bad topk settings before any stage runs."""
+    if int(cfg.topk.k) < 1:
+        raise TopkError(f"topk.k={cfg.topk.k} must be an integer >= 1")
+
+
 def run(cfg: DictConfig) -> Path:
     """Collect top-k images and strips for every map layer of ``cfg.layers`` not done yet."""
+    check(cfg)
     run_dir = Path(cfg.out_dir)
     store = open_activations(run_dir)
     probe = open_probe_set(cfg.dataset)

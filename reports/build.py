@@ -20,7 +20,7 @@ import pandas as pd
 import zarr
 from omegaconf import DictConfig
 
-from dissect.artifacts import ACTIVATIONS, read_json
+from dissect.artifacts import ACTIVATIONS, open_activations, read_json
 from dissect.broden import CATEGORIES
 from reports import attribute_section, audit_section, embed_section
 from reports.links import layer_file, unit_anchor
@@ -195,10 +195,10 @@ def dissected_layers(run_dir: Path, layers: list[str]) -> list[str]:
 def build_report(run_dir: Path, layers: list[str]) -> Path:
     """Write index.html and the layer pages under <run_dir>/report/; return the index path."""
     run_dir = Path(run_dir)
+    attrs = dict(open_activations(run_dir).attrs)
     report_dir = run_dir / REPORT_DIR
     report_dir.mkdir(parents=True, exist_ok=True)
     dissected = dissected_layers(run_dir, layers)
-    attrs = dict(zarr.open_group(run_dir / ACTIVATIONS, mode="r").attrs)
     title = f"Dissection of {attrs['model'].get('arch') or attrs['model'].get('target')} on {attrs['probe_set']['name']}"
     sections = [run_section(run_dir, dissected)] + [layer_summary(run_dir, layer) for layer in dissected]
     for render in (audit_section.render, embed_section.render, attribute_section.render):

@@ -1,0 +1,41 @@
+"""``python -m dissect``: every mistake a user can make is one line naming the key, exit code 2, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_overrides
+
+#: (overrides after the tiny run's, text the error line must hold); the empty run directory is `out_dir`.
+BAD_INPUTS = {
+    "unknown stage": (["stages=[extract,talley]"], "stages=['extract', 'talley'] names unknown stage(s) ['talley']"),
+    "unknown layer": (["layers=[features.conv9]"], "features.conv9"),  # with the valid names near it:
+    "unknown layer, names nearby": (["layers=[features.conv9]"], "features.conv2"),
+    "unknown model": (["model=resnet19"], "Could not find 'model/resnet19'"),
+    "misspelled key": (["tally.iou_treshold=0.1"], "tally.iou_treshold"),
+    "missing dataset root": (["dataset.root=/nonexistent/probe"], "dataset.root='/nonexistent/probe'"),
+    "quantile out of range": (["thresholds.quantile=1.5"], "thresholds.quantile=1.5 must lie strictly between 0 and 1"),
+    "extract device": (["extract.device=cuda"], "extract.device='cuda'"),
+    "attribute device": (["attribute.device=tpu"], "attribute.device='tpu'"),
+    "occlusion stride": (["attribute.occlusion_stride=64"], "attribute.occlusion_stride=64 exceeds"),
+    "tally on an empty run": (["stages=[tally]"], "run the extract stage first (stages=[extract])"),
+    "report on an empty run": (["stages=[report]"], "run the extract stage first (stages=[extract])"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_a_bad_input_is_one_line_with_exit_code_2(case, image_folder, tiny_checkpoint, tmp_path):
+    if case == "extract device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    overrides, expected = BAD_INPUTS[case]
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "dissect", *tiny_overrides(image_folder, run_dir, tiny_checkpoint),
+                             *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output and "Error executing job" not in output, output
+    errors = [line for line in output.splitlines() if "[ERROR]" in line or line.startswith("configuration error")]
+    assert len(errors) == 1 and expected in errors[0], output
+    assert not (run_dir / "activations.zarr").exists(), "a mistake found before the run must not start it"
