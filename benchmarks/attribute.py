@@ -78,7 +78,7 @@ def main() -> None:
     torch.manual_seed(0)
     preprocessing = Preprocessing(size, mean, std)
     images = torch.from_numpy(np.stack(photo_crops(args.pairs, size))).permute(0, 3, 1, 2).contiguous()
-    model = prepare_model(build().eval(), preprocessing.normalise(images[:1]), tuple(args.methods))
+    model = prepare_model(build().eval())
     units = np.random.default_rng(0).integers(0, n_units, args.pairs)
     pairs = pd.DataFrame({"pair": range(args.pairs), "kind": "unit", "layer": layer, "target": units,
                           "image_index": range(args.pairs), "grad_cam_layer": layer})

@@ -19,10 +19,10 @@ method                 Captum                                                map
 =====================  ====================================================  ========
 saliency               Saliency (abs=True)                                   sum_c |grad|
 input_x_gradient       InputXGradient                                        sum_c, signed
-deconvolution          Deconvolution                                         sum_c |.|
-guided_backprop        GuidedBackprop                                        sum_c |.|
+deconvolution          Saliency under GuidedReLUs("deconvolution")           sum_c |.|
+guided_backprop        Saliency under GuidedReLUs("guided_backprop")         sum_c |.|
 grad_cam               LayerGradCam (ReLU'd), LayerAttribution.interpolate   >= 0
-guided_grad_cam        GuidedGradCam (bilinear)                              sum_c |.|
+guided_grad_cam        guided_backprop x grad_cam (bilinear), as Captum's    sum_c |.|
 integrated_gradients   IntegratedGradients (Gauss-Legendre, black baseline)  sum_c, signed
 occlusion              Occlusion (window x window, black baseline)           signed
 lime                   Lime per image on SLIC superpixels, linear fit        signed
@@ -33,13 +33,12 @@ features span the three channels, so their map is the (shared) per-pixel value.
 Grad-CAM runs at ``attribute.grad_cam_layer``: by default the unit's own layer
 for units and the last Conv2d for classes.
 
-Guided methods (deconvolution, guided_backprop, guided_grad_cam) override the
-backward pass of ``nn.ReLU`` modules. ``prepare_model`` therefore works on a
-copy of the model with every ``inplace=True`` turned off, replaces a ReLU
-module called k > 1 times in one forward pass by ``DistinctCalls`` (k copies,
-call i going to copy i, so Captum's per-module hook state is not shared), and
-refuses guided methods when the model applies ReLU as a function (which Captum
-cannot see).
+Guided methods (deconvolution, guided_backprop, guided_grad_cam) replace the
+backward pass of every ReLU. Captum does that with hooks on ``nn.ReLU``
+modules, which miss ``F.relu`` (GoogLeNet, DenseNet) and mix the calls of a
+reused module (ResNet blocks), so the rules are applied here to the ReLU
+*functions* instead, call by call (``dissect.guided_relu``). ``prepare_model``
+works on a copy of the model with every ``inplace=True`` turned off.
 
 Outputs in ``<out_dir>/attribute/``:
 
@@ -84,7 +83,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +94,6 @@ import torch
 import zarr
 from captum._utils.models.linear_model import SkLearnLinearRegression
 from captum.attr import (
-    Deconvolution,
-    GuidedBackprop,
-    GuidedGradCam,
     InputXGradient,
     IntegratedGradients,
     LayerAttribution,
@@ -112,12 +108,13 @@ from PIL import Image, ImageDraw
 from skimage.segmentation import slic
 from torch import nn
 from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from dissect.artifacts import open_activations, read_json, write_json_atomic
 from dissect.broden import IMAGE_CATEGORIES, PIXEL_CATEGORIES, BrodenDataset
 from dissect.devices import pick_device
+from dissect.errors import DissectError
+from dissect.guided_relu import GuidedReLUs, other_activations
 from dissect.layers import get_layer
 from dissect.models import load_model
 from dissect.probe import Preprocessing, open_probe_set
@@ -149,17 +146,19 @@ MAP_CONVENTIONS = {
 METHODS = tuple(MAP_CONVENTIONS)
 #: Methods whose map is a sum of absolute values (the others keep their sign).
 ABSOLUTE_METHODS = frozenset({"saliency", "deconvolution", "guided_backprop", "guided_grad_cam"})
-#: Methods that override the backward pass of nn.ReLU modules.
-GUIDED_METHODS = frozenset({"deconvolution", "guided_backprop", "guided_grad_cam"})
+#: Methods that are the input gradient under a guided ReLU rule (``dissect.guided_relu``) of the same name.
+GUIDED_RULES = frozenset({"deconvolution", "guided_backprop"})
+#: Methods that use a guided ReLU rule.
+GUIDED_METHODS = GUIDED_RULES | {"guided_grad_cam"}
 UNIT_SELECTIONS = ("top", "label", "pairs", "none")
 TILE = 96
 GAP = 2
 HEADER = 14
 #: Captum's chatter on every call of a batched run; nothing the user can act on.
-CAPTUM_NOISE = ("Setting backward hooks on ReLU", "Input Tensor \\d+ did not already require gradients")
+CAPTUM_NOISE = ("Input Tensor \\d+ did not already require gradients",)
 
 
-class AttributionError(ValueError):
+class AttributionError(DissectError):
     """The attributions cannot be computed with this configuration, model or run directory."""
 
 
@@ -198,16 +197,31 @@ class AttributeSettings:
 
 
 SETTING_KEYS = tuple(f.name for f in fields(AttributeSettings))
+#: The keys that cost time: null in the config takes the value of ``attribute.device_defaults.<cpu|cuda>``.
+DEVICE_DEFAULT_KEYS = ("top_units", "images_per_unit", "class_images", "ig_steps", "occlusion_stride",
+                       "lime_samples", "randomisation_pairs", "randomisation_steps")
+DEVICE_DEFAULTS = "device_defaults"
 
 
-def read_settings(cfg: Mapping[str, Any]) -> AttributeSettings:
-    """Validate the ``attribute`` config; errors name the key and what is allowed."""
+def read_settings(cfg: Mapping[str, Any], device_type: str) -> tuple[AttributeSettings, dict[str, Any]]:
+    """Validate the ``attribute`` config for a device of type ``device_type`` (cpu, cuda).
+
+    Returns the settings and the keys that were null, with the device default
+    each one took. Errors name the key and what is allowed.
+    """
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    missing = [key for key in SETTING_KEYS if key not in config]
-    unknown = sorted(str(key) for key in config if key not in SETTING_KEYS)
+    missing = [key for key in (*SETTING_KEYS, DEVICE_DEFAULTS) if key not in config]
+    unknown = sorted(str(key) for key in config if key not in (*SETTING_KEYS, DEVICE_DEFAULTS))
     if missing or unknown:
         raise AttributionError(f"attribute config: missing key(s) {missing}, unknown key(s) {unknown}; "
-                               f"the keys are {list(SETTING_KEYS)}")
+                               f"the keys are {[*SETTING_KEYS, DEVICE_DEFAULTS]}")
+    table = config.pop(DEVICE_DEFAULTS).get("cuda" if device_type == "cuda" else "cpu") or {}
+    filled = {key: table.get(key) for key in DEVICE_DEFAULT_KEYS if config[key] is None}
+    absent = [key for key, value in filled.items() if value is None]
+    if absent:
+        raise AttributionError(f"attribute.{absent[0]} is null but attribute.{DEVICE_DEFAULTS}."
+                               f"{'cuda' if device_type == 'cuda' else 'cpu'} has no value for it; set either")
+    config.update(filled)
     if config["units"] not in UNIT_SELECTIONS:
         raise AttributionError(f"attribute.units={config['units']!r}; allowed: {', '.join(UNIT_SELECTIONS)}")
     if config["units"] == "label" and not config["unit_label"]:
@@ -227,6 +241,10 @@ def read_settings(cfg: Mapping[str, Any]) -> AttributeSettings:
                 "occlusion_stride", "lime_segments", "lime_samples", "batch_size", "randomisation_steps"):
         if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 1:
             raise AttributionError(f"attribute.{key}={config[key]!r}; allowed: an integer >= 1")
+    if config["occlusion_stride"] > config["occlusion_window"]:
+        raise AttributionError(f"attribute.occlusion_stride={config['occlusion_stride']} exceeds "
+                               f"attribute.occlusion_window={config['occlusion_window']}; allowed: a stride "
+                               "no larger than the window (pixels between windows would never be occluded)")
     if not isinstance(config["randomisation_pairs"], int) or config["randomisation_pairs"] < 0:
         raise AttributionError(f"attribute.randomisation_pairs={config['randomisation_pairs']!r}; "
                                "allowed: an integer >= 0 (0 skips the check)")
@@ -246,31 +264,10 @@ def read_settings(cfg: Mapping[str, Any]) -> AttributeSettings:
         lime_segments=config["lime_segments"], lime_samples=config["lime_samples"],
         batch_size=config["batch_size"], randomisation_pairs=config["randomisation_pairs"],
         randomisation_steps=config["randomisation_steps"], max_correlation=float(config["max_correlation"]),
-        seed=int(config["seed"]), device=str(config["device"]))
+        seed=int(config["seed"]), device=str(config["device"])), filled
 
 
 # ------------------------------------------------------------------------------------ model preparation
-
-
-class DistinctCalls(nn.Module):
-    """Stands in for a module called k times in one forward pass: call i runs copy i.
-
-    ``PreparedModel`` rewinds the call counter at the start of every forward pass.
-    """
-
-    def __init__(self, module: nn.Module, calls: int) -> None:
-        super().__init__()
-        self.copies = nn.ModuleList(copy.deepcopy(module) for _ in range(calls))
-        self.next_call = 0
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.next_call >= len(self.copies):
-            raise AttributionError(f"a module counted {len(self.copies)} calls per forward pass was called more "
-                                   "often (the forward pass depends on the input); the guided methods need a "
-                                   "fixed call pattern")
-        module = self.copies[self.next_call]
-        self.next_call += 1
-        return module(*args, **kwargs)
 
 
 class PreparedModel(nn.Module):
@@ -282,9 +279,6 @@ class PreparedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalised images -> the model's output."""
-        for module in self.net.modules():
-            if isinstance(module, DistinctCalls):
-                module.next_call = 0
         return self.net(x)
 
     def layer(self, name: str) -> nn.Module:
@@ -292,24 +286,8 @@ class PreparedModel(nn.Module):
         return get_layer(self.net, name)
 
 
-_RELU_FUNCTIONS = frozenset({F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_})
-
-
-class _CountRelus(TorchFunctionMode):
-    """Counts the ReLU function calls of a forward pass, those made by nn.ReLU modules included."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
-        if func in _RELU_FUNCTIONS:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
-def call_counts(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int], int]:
-    """Run ``model`` once on ``example``: (calls per module name, in first-call order; ReLU function calls).
+def call_counts(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Run ``model`` once on ``example``: calls per module name, in first-call order.
 
     Names are dotted paths of ``model.named_modules()``; the root is left out.
     """
@@ -320,26 +298,21 @@ def call_counts(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int]
 
     handles = [module.register_forward_hook(counter(name)) for name, module in model.named_modules() if name]
     try:
-        with _CountRelus() as relus, torch.no_grad():
+        with torch.no_grad():
             model(example)
     finally:
         for handle in handles:
             handle.remove()
-    return counts, relus.calls
+    return counts
 
 
-def prepare_model(model: nn.Module, example: torch.Tensor, methods: tuple[str, ...]) -> PreparedModel:
+def prepare_model(model: nn.Module) -> PreparedModel:
     """A copy of ``model`` on which every method is correct, in eval mode, parameters frozen, channels-last.
 
     Convolution weights are stored channels-last (with channels-last inputs,
     ``compute_maps``, a forward and backward pass of a convolutional network
-    runs about 1.5x faster on the CPU). In-place operations are turned off; a
-    ReLU module called k > 1 times in the forward pass of ``example``
-    (N, 3, S, S) is replaced by ``DistinctCalls``.
-
-    Raises:
-        AttributionError: if guided methods are asked for and the model applies
-            ReLU as a function (F.relu, torch.relu, Tensor.relu) outside nn.ReLU modules.
+    runs about 1.5x faster on the CPU). The ``inplace`` flag of every module is
+    turned off, so that layer methods see the outputs they record unchanged.
     """
     net = copy.deepcopy(model).eval()
     for parameter in net.parameters():
@@ -347,22 +320,6 @@ def prepare_model(model: nn.Module, example: torch.Tensor, methods: tuple[str, .
     for module in net.modules():
         if getattr(module, "inplace", None) is True:
             module.inplace = False
-    counts, relu_calls = call_counts(net, example)
-    modules = dict(net.named_modules())
-    relu_module_calls = sum(n for name, n in counts.items() if isinstance(modules[name], nn.ReLU))
-    guided = sorted(GUIDED_METHODS & set(methods))
-    if relu_calls > relu_module_calls and guided:
-        raise AttributionError(
-            f"{type(model).__name__} applies ReLU {relu_calls - relu_module_calls} time(s) as a function "
-            "(F.relu, torch.relu, Tensor.relu) outside nn.ReLU modules; Captum's guided methods only see nn.ReLU "
-            f"modules, so their maps would be wrong. Leave {guided} out of attribute.methods "
-            f"(allowed: {', '.join(METHODS)}).")
-    reused = {id(modules[name]): DistinctCalls(modules[name], n) for name, n in counts.items()
-              if n > 1 and isinstance(modules[name], nn.ReLU)}
-    for parent in list(net.modules()):
-        for child_name, child in list(parent.named_children()):
-            if id(child) in reused:  # every name the module is registered under
-                setattr(parent, child_name, reused[id(child)])
     return PreparedModel(net).to(memory_format=torch.channels_last)
 
 
@@ -468,19 +425,18 @@ def attribution_maps(target: Explained, method: str, inputs: torch.Tensor, targe
             return Saliency(module).attribute(inputs, target=targets, abs=True).sum(1)
         if method == "input_x_gradient":
             return InputXGradient(module).attribute(inputs, target=targets).sum(1)
-        if method == "deconvolution":
-            return Deconvolution(module).attribute(inputs, target=targets).abs().sum(1)
-        if method == "guided_backprop":
-            return GuidedBackprop(module).attribute(inputs, target=targets).abs().sum(1)
+        if method in GUIDED_RULES:
+            with GuidedReLUs(method):
+                return Saliency(module).attribute(inputs, target=targets, abs=False).abs().sum(1)
         if method in ("grad_cam", "guided_grad_cam") and target.grad_cam_layer is None:
             raise AttributionError(f"{method} needs a grad_cam_layer; the model has no Conv2d, set "
                                    "attribute.grad_cam_layer or leave grad_cam and guided_grad_cam out of methods")
         if method == "grad_cam":
-            cam = LayerGradCam(module, target.grad_cam_layer).attribute(inputs, target=targets, relu_attributions=True)
-            return LayerAttribution.interpolate(cam, tuple(inputs.shape[2:]), interpolate_mode="bilinear").sum(1)
+            return grad_cam(target, inputs, targets).sum(1)
         if method == "guided_grad_cam":
-            return GuidedGradCam(module, target.grad_cam_layer).attribute(
-                inputs, target=targets, interpolate_mode="bilinear").abs().sum(1)
+            with GuidedReLUs("guided_backprop"):
+                guided = Saliency(module).attribute(inputs, target=targets, abs=False)
+            return (guided * grad_cam(target, inputs, targets)).abs().sum(1)
         if method == "integrated_gradients":
             return IntegratedGradients(module).attribute(
                 inputs, baselines=baselines, target=targets, n_steps=settings.ig_steps,
@@ -495,6 +451,13 @@ def attribution_maps(target: Explained, method: str, inputs: torch.Tensor, targe
                 raise AttributionError("lime needs the unnormalised images (B, S, S, 3) uint8 for its superpixels")
             return lime_maps(module, inputs, targets, baselines, superpixels(images, settings.lime_segments), settings)
     raise AttributionError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+
+
+def grad_cam(target: Explained, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) inputs -> (B, 1, S, S) ReLU'd Grad-CAM at ``target.grad_cam_layer``, bilinearly upsampled."""
+    cam = LayerGradCam(target.module, target.grad_cam_layer).attribute(inputs, target=targets,
+                                                                       relu_attributions=True)
+    return LayerAttribution.interpolate(cam, tuple(inputs.shape[2:]), interpolate_mode="bilinear")
 
 
 def lime_maps(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, baselines: torch.Tensor,
@@ -574,7 +537,7 @@ def compute_maps(model: PreparedModel, pairs: pd.DataFrame, images: torch.Tensor
 
 def forward_order(model: PreparedModel, example: torch.Tensor) -> list[str]:
     """Names of the modules of ``model.net`` in the order of their first call on ``example``."""
-    return list(call_counts(model.net, example)[0])
+    return list(call_counts(model.net, example))
 
 
 def last_conv(model: PreparedModel, example: torch.Tensor) -> str | None:
@@ -918,6 +881,52 @@ def build_pairs(run_dir: Path, cfg: DictConfig, settings: AttributeSettings, mod
     return pairs, images
 
 
+def drop_undefined_guided_methods(settings: AttributeSettings, model: PreparedModel, example: torch.Tensor,
+                                   all_methods: bool) -> AttributeSettings:
+    """``settings`` without the guided methods when the model has activations they are not defined for.
+
+    The guided rules replace the backward pass of ReLU only. With
+    ``methods: all`` they are left out with one warning; asked for by name,
+    they stop the stage.
+    """
+    guided = [m for m in settings.methods if m in GUIDED_METHODS]
+    others = other_activations(model, example) if guided else {}
+    if not others:
+        return settings
+    found = ", ".join(f"{name} ({calls} calls)" for name, calls in others.items())
+    if not all_methods:
+        raise AttributionError(f"the guided methods {guided} are defined for ReLU only, and the model also applies "
+                               f"{found}; leave them out of attribute.methods")
+    log.warning("attribute: leaving out %s: the guided rules are defined for ReLU only, and the model also "
+                "applies %s", ", ".join(guided), found)
+    return replace(settings, methods=tuple(m for m in settings.methods if m not in GUIDED_METHODS))
+
+
+def model_passes(method: str, settings: AttributeSettings, input_size: int) -> tuple[int, int]:
+    """(forward, backward) passes of one image through the model for one map of ``method``."""
+    if method == "integrated_gradients":
+        return settings.ig_steps, settings.ig_steps
+    if method == "occlusion":
+        positions = math.ceil(max(input_size - settings.occlusion_window, 0) / settings.occlusion_stride) + 1
+        return positions * positions + 1, 0
+    if method == "lime":
+        return settings.lime_samples, 0
+    if method == "guided_grad_cam":
+        return 2, 2
+    return 1, 1
+
+
+def cost_sentence(settings: AttributeSettings, pairs: pd.DataFrame, input_size: int) -> str:
+    """How many model passes the stage is about to make, for the log (forward and backward, one image each)."""
+    per_pair = [model_passes(method, settings, input_size) for method in settings.methods]
+    forward, backward = (sum(p[k] for p in per_pair) for k in (0, 1))
+    checked = min(settings.randomisation_pairs, len(pairs)) * settings.randomisation_steps
+    return (f"{len(pairs)} pairs x {len(settings.methods)} methods: {len(pairs) * forward:,} forward and "
+            f"{len(pairs) * backward:,} backward passes of one image, then the randomisation check "
+            f"({min(settings.randomisation_pairs, len(pairs))} pairs x {settings.randomisation_steps} steps): "
+            f"{checked * forward:,} and {checked * backward:,} more")
+
+
 def fingerprint(cfg: DictConfig, settings: AttributeSettings, description: dict[str, Any]) -> dict[str, Any]:
     """What the outputs depend on, as it reads back from JSON; a change starts the stage over."""
     return json.loads(json.dumps({"attribute": asdict(settings), "model": description,
@@ -953,11 +962,22 @@ def write_method(group: zarr.Group, method: str, model: PreparedModel, pairs: pd
                         "seconds": {**group.attrs["seconds"], method: time.perf_counter() - started}})
 
 
-def run(cfg: DictConfig) -> Path:
-    """Attribution maps, strips, agreement and randomisation checks for the selected units and classes."""
+def check(cfg: DictConfig) -> None:
+    """Refuse bad attribute settings before any stage runs."""
     if "attribute" not in cfg:
         raise AttributionError("the config has no attribute section; add it to conf/config.yaml (see README)")
-    settings = read_settings(cfg.attribute)
+    read_settings(cfg.attribute, pick_device(str(cfg.attribute.get("device", "auto")), "attribute.device").type)
+
+
+def run(cfg: DictConfig) -> Path:
+    """Attribution maps, strips, agreement and randomisation checks for the selected units and classes."""
+    check(cfg)
+    device = pick_device(str(cfg.attribute.device), "attribute.device")
+    settings, filled = read_settings(cfg.attribute, device.type)
+    if filled:
+        log.info("attribute on %s: %s (attribute.%s.%s; set a key to override)", device.type,
+                 ", ".join(f"{key}={value}" for key, value in filled.items()), DEVICE_DEFAULTS,
+                 "cuda" if device.type == "cuda" else "cpu")
     run_dir = Path(cfg.out_dir)
     out_dir = run_dir / ATTRIBUTE_DIR
     store = open_activations(run_dir)
@@ -965,18 +985,19 @@ def run(cfg: DictConfig) -> Path:
     if list(store["image_ids"][:]) != probe.image_ids:
         raise AttributionError(f"the activations in {run_dir} were extracted from other images than {probe.root}")
     loaded = load_model(cfg.model)
-    key = fingerprint(cfg, settings, loaded.description)
-    if (out_dir / SUMMARY_JSON).exists() and read_json(out_dir / SUMMARY_JSON).get("fingerprint") == key:
-        log.info("attribute: done with these settings, skipping")
-        return out_dir
-    device = pick_device(settings.device)
     preprocessing = Preprocessing(loaded.input_size, loaded.mean, loaded.std)
     valid = store["valid"][:]
     first = int(np.flatnonzero(valid)[0])
     example = preprocessing.normalise(load_images([probe.image_paths[first]], preprocessing)).to(device)
-    model = prepare_model(loaded.module.to(device), example, settings.methods)
+    model = prepare_model(loaded.module.to(device))
+    settings = drop_undefined_guided_methods(settings, model, example, cfg.attribute.methods == "all")
+    key = fingerprint(cfg, settings, loaded.description)
+    if (out_dir / SUMMARY_JSON).exists() and read_json(out_dir / SUMMARY_JSON).get("fingerprint") == key:
+        log.info("attribute: done with these settings, skipping")
+        return out_dir
     pairs, images = build_pairs(run_dir, cfg, settings, model, preprocessing, probe.image_paths, probe.image_ids,
                                 valid, example, device)
+    log.info("attribute: %s", cost_sentence(settings, pairs, loaded.input_size))
     maps = open_maps(out_dir, key)
     pairs.to_csv(out_dir / PAIRS_CSV, index=False)
     method_settings = MethodSettings(**{f.name: getattr(settings, f.name) for f in fields(MethodSettings)})

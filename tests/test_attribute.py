@@ -1,7 +1,7 @@
 """The attribute stage: maps against autograd, batching, planted detectors, guided-method hygiene, trust checks."""
 
 import math
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,7 @@ SETTINGS = {"units": "top", "top_units": 2, "unit_label": None, "unit_pairs": []
             "class_target": "predicted", "class_images": 2, "methods": "all", "grad_cam_layer": None,
             "ig_steps": 16, "ig_internal_batch": 32, "occlusion_window": 8, "occlusion_stride": 4,
             "lime_segments": 20, "lime_samples": 40, "batch_size": 8, "randomisation_pairs": 4,
-            "randomisation_steps": 2, "max_correlation": 0.5, "seed": 0, "device": "cpu"}
+            "randomisation_steps": 2, "max_correlation": 0.5, "seed": 0, "device": "cpu", "device_defaults": {}}
 
 
 class TinyNet(nn.Module):
@@ -152,7 +152,7 @@ def test_saliency_input_x_gradient_and_integrated_gradients_equal_autograd(layer
     x = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(2))
     targets = torch.tensor([0, 1, 1] if layer else [2, 0, 1])
     baseline = torch.full((1, 3, 6, 6), -0.5)
-    target = explained(prepare_model(net, x[:1], METHODS), layer, "conv")
+    target = explained(prepare_model(net), layer, "conv")
     settings = MethodSettings(ig_steps=64, ig_internal_batch=50)
     maps = {m: attribution_maps(target, m, x, targets, baseline, settings)
             for m in ("saliency", "input_x_gradient", "integrated_gradients")}
@@ -201,7 +201,7 @@ def test_one_batched_call_gives_the_maps_of_one_call_per_pair():
     size = 32
     preprocessing = Preprocessing(size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     images = torch.randint(0, 256, (6, 3, size, size), dtype=torch.uint8)
-    model = prepare_model(SmallCNN(num_classes=5, width=4), preprocessing.normalise(images[:1]), METHODS)
+    model = prepare_model(SmallCNN(num_classes=5, width=4))
     pairs = pair_table(["unit"] * 4 + ["class"] * 2, ["features.conv3"] * 4 + [""] * 2, [0, 3, 5, 5, 1, 4],
                        ["features.conv2"] * 4 + ["features.conv4"] * 2)
     settings = MethodSettings(ig_steps=8, ig_internal_batch=12, occlusion_window=8, occlusion_stride=8,
@@ -222,7 +222,7 @@ def test_one_batched_call_gives_the_maps_of_one_call_per_pair():
 
 def test_a_red_detector_puts_its_attribution_on_the_red_disc():
     images, discs = red_disc_images(4)
-    model = prepare_model(RedSpots(sigma=4.0), IDENTITY.normalise(images[:1]), METHODS)
+    model = prepare_model(RedSpots(sigma=4.0))
     pairs = pair_table(["unit"] * 4, ["units"] * 4, [0] * 4, ["units"] * 4)
     settings = MethodSettings(ig_steps=16, occlusion_window=8, occlusion_stride=4, batch_size=24)
     chance = discs.mean()
@@ -236,56 +236,95 @@ def test_a_red_detector_puts_its_attribution_on_the_red_disc():
 
 
 class TwoBranches(nn.Module):
-    """Two convs whose outputs go through one ReLU module or two; the convs run before either ReLU call."""
+    """Two convs whose outputs go through one ReLU module or two (or F.relu); the convs run before either ReLU."""
 
-    def __init__(self, shared: bool, inplace: bool = False) -> None:
+    def __init__(self, relus: str, inplace: bool = False) -> None:
         super().__init__()
         torch.manual_seed(3)
+        self.relus = relus  # "distinct" modules, one "shared" module, or "functional" F.relu calls
         self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
         self.relu_a = nn.ReLU(inplace=inplace)
-        self.relu_b = self.relu_a if shared else nn.ReLU(inplace=inplace)
+        self.relu_b = self.relu_a if relus == "shared" else nn.ReLU(inplace=inplace)
         self.head = nn.Conv2d(8, 3, 3, padding=1)
         self.relu_head = nn.ReLU(inplace=inplace)
+        self.inplace = inplace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.a(x), self.b(x)
+        if self.relus == "functional":
+            hidden = torch.cat([F.relu(a, inplace=self.inplace), b.relu_() if self.inplace else b.relu()], 1)
+            return F.relu(self.head(hidden), inplace=self.inplace).amax(dim=(2, 3))
         return self.relu_head(self.head(torch.cat([self.relu_a(a), self.relu_b(b)], 1))).amax(dim=(2, 3))
 
 
-def guided_maps(net: nn.Module, x: torch.Tensor, prepare: bool) -> dict[str, torch.Tensor]:
-    module = prepare_model(net, x[:1], METHODS) if prepare else net
-    target = attribute.Explained(module, None)
+def guided_maps(net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    target = attribute.Explained(prepare_model(net), None)
     return {m: attribution_maps(target, m, x, torch.tensor([0, 2]), x[:1] * 0, MethodSettings())
             for m in ("deconvolution", "guided_backprop")}
 
 
-def test_reused_and_inplace_relus_are_made_distinct_so_guided_methods_stay_correct():
+def captum_guided_maps(net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Captum's own module-hook implementation, correct on a net whose every ReLU is its own nn.ReLU module."""
+    from captum.attr import Deconvolution, GuidedBackprop
+
+    targets = torch.tensor([0, 2])
+    return {"deconvolution": Deconvolution(net).attribute(x, target=targets).abs().sum(1),
+            "guided_backprop": GuidedBackprop(net).attribute(x, target=targets).abs().sum(1)}
+
+
+@pytest.mark.parametrize("relus,inplace", [("shared", False), ("shared", True), ("functional", False),
+                                           ("functional", True)])
+def test_guided_maps_of_reused_and_functional_relus_equal_captum_on_distinct_modules(relus, inplace):
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
-    reference = guided_maps(TwoBranches(shared=False), x, prepare=False)
-    shared = TwoBranches(shared=True)
-    for method, maps in guided_maps(shared, x, prepare=True).items():
+    reference = captum_guided_maps(TwoBranches("distinct"), x)
+    net = TwoBranches(relus, inplace=inplace)
+    for method, maps in guided_maps(net, x).items():
         torch.testing.assert_close(maps, reference[method], msg=method)
-    # without preparation Captum's per-module hook state mixes the two calls of the shared ReLU
-    assert not torch.allclose(guided_maps(shared, x, prepare=False)["deconvolution"], reference["deconvolution"])
-    inplace = TwoBranches(shared=True, inplace=True)
-    for method, maps in guided_maps(inplace, x, prepare=True).items():
-        torch.testing.assert_close(maps, reference[method], msg=method)
-    assert inplace.relu_a.inplace and inplace.relu_head.inplace, "the caller's model is left as it was"
+    if relus == "shared":  # Captum alone mixes the two calls of the shared module
+        assert not torch.allclose(captum_guided_maps(net, x)["deconvolution"], reference["deconvolution"])
+    assert net.relu_a.inplace == inplace, "the caller's model is left as it was"
 
 
-def test_functional_relus_refuse_guided_methods_with_a_clear_error():
-    class Functional(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 2, 3)
+class TwoLayerPerceptron(nn.Module):
+    """x (N, 3, 2, 2) -> v . relu(W2 relu(W1 x)) with fixed weights; ReLU as a function, the second one reused."""
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.relu(self.conv(x)).amax(dim=(2, 3))
+    def __init__(self, w1: np.ndarray, w2: np.ndarray, v: np.ndarray) -> None:
+        super().__init__()
+        self.w1, self.w2, self.v = (torch.tensor(w, dtype=torch.float32) for w in (w1, w2, v))
 
-    x = torch.randn(1, 3, 8, 8)
-    with pytest.raises(AttributionError, match=r"applies ReLU 1 time\(s\) as a function.*guided_backprop"):
-        prepare_model(Functional(), x, METHODS)
-    prepare_model(Functional(), x, ("saliency", "integrated_gradients", "occlusion"))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.relu(x.flatten(1) @ self.w1.T)
+        return (torch.relu(hidden @ self.w2.T) @ self.v)[:, None]
+
+
+def test_guided_backprop_and_deconvnet_equal_the_rules_applied_by_hand():
+    rng = np.random.default_rng(5)
+    w1, w2, v, x = rng.normal(size=(6, 12)), rng.normal(size=(5, 6)), rng.normal(size=5), rng.normal(size=12)
+    h1 = np.maximum(w1 @ x, 0)
+    h2 = np.maximum(w2 @ h1, 0)
+    guided = w1.T @ (np.maximum(w2.T @ (np.maximum(v, 0) * (h2 > 0)), 0) * (h1 > 0))
+    deconv = w1.T @ np.maximum(w2.T @ np.maximum(v, 0), 0)
+    target = attribute.Explained(prepare_model(TwoLayerPerceptron(w1, w2, v)), None)
+    inputs = torch.tensor(x, dtype=torch.float32).reshape(1, 3, 2, 2)
+    for method, expected in (("guided_backprop", guided), ("deconvolution", deconv)):
+        maps = attribution_maps(target, method, inputs, torch.tensor([0]), inputs * 0, MethodSettings())
+        np.testing.assert_allclose(maps[0].numpy(), np.abs(expected.reshape(3, 2, 2)).sum(0), rtol=1e-5, err_msg=method)
+
+
+def test_guided_methods_are_left_out_with_a_warning_where_a_model_has_other_activations(caplog):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Conv2d(4, 2, 3), nn.ReLU6(), nn.Flatten(1))
+    model, x = prepare_model(net), torch.randn(1, 3, 8, 8)
+    every, _ = read_settings(SETTINGS, "cpu")
+    with caplog.at_level("WARNING"):
+        kept = attribute.drop_undefined_guided_methods(every, model, x, all_methods=True)
+    assert kept.methods == tuple(m for m in METHODS if m not in ("deconvolution", "guided_backprop", "guided_grad_cam"))
+    assert "leaving out deconvolution, guided_backprop, guided_grad_cam" in caplog.text
+    assert "gelu (1 calls), hardtanh (1 calls)" in caplog.text  # nn.ReLU6 is F.hardtanh
+    named, _ = read_settings({**SETTINGS, "methods": ["saliency", "guided_backprop"]}, "cpu")
+    with pytest.raises(AttributionError, match=r"\['guided_backprop'\] are defined for ReLU only.*gelu"):
+        attribute.drop_undefined_guided_methods(named, model, x, all_methods=False)
+    relu_only = prepare_model(nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(1)))
+    assert attribute.drop_undefined_guided_methods(every, relu_only, x, all_methods=True) == every
 
 
 # ------------------------------------------------------------------------------------ randomisation check
@@ -324,7 +363,7 @@ def test_randomising_the_weights_changes_grad_cam_and_integrated_gradients():
         accuracy = float((net(inputs).argmax(1) == classes).float().mean())
     assert accuracy > 0.8, "the model must have learned something for the check to mean anything"
     methods = ("grad_cam", "integrated_gradients", "guided_backprop")
-    model = prepare_model(net, inputs[:1], methods)
+    model = prepare_model(net)
     pairs = pair_table(["class"] * 6, [""] * 6, classes[:6].tolist(), ["features.conv4"] * 6)
     settings = MethodSettings(ig_steps=16, ig_internal_batch=64)
     trained = {m: stored_form(compute_maps(model, pairs, images[:6], m, settings, preprocessing, 6, CPU))[0]
@@ -343,14 +382,62 @@ def test_randomising_the_weights_changes_grad_cam_and_integrated_gradients():
 
 
 def test_settings_errors_name_the_key_and_what_is_allowed(compose_config):
-    defaults = read_settings(compose_config([]).attribute)  # conf/config.yaml holds every key, valid
+    defaults, _ = read_settings(compose_config([]).attribute, "cpu")  # conf/config.yaml holds every key, valid
     assert defaults.methods == METHODS and defaults.units == "top"
     with pytest.raises(AttributionError, match="allowed: all, or a list of saliency"):
-        read_settings({**SETTINGS, "methods": ["saliency", "smoothgrad"]})
+        read_settings({**SETTINGS, "methods": ["saliency", "smoothgrad"]}, "cpu")
     with pytest.raises(AttributionError, match=r"missing key\(s\) \['seed'\]"):
-        read_settings({key: value for key, value in SETTINGS.items() if key != "seed"})
+        read_settings({key: value for key, value in SETTINGS.items() if key != "seed"}, "cpu")
     with pytest.raises(AttributionError, match="allowed: top, label, pairs, none"):
-        read_settings({**SETTINGS, "units": "best"})
+        read_settings({**SETTINGS, "units": "best"}, "cpu")
+    with pytest.raises(AttributionError, match=r"attribute.ig_steps is null but attribute.device_defaults.cpu"):
+        read_settings({**SETTINGS, "ig_steps": None}, "cpu")
+
+
+def test_null_costly_keys_take_the_defaults_of_the_device():
+    device_defaults = {"cpu": {"top_units": 1, "ig_steps": 8}, "cuda": {"top_units": 5, "ig_steps": 64}}
+    config = {**SETTINGS, "top_units": None, "ig_steps": None, "device_defaults": device_defaults}
+    on_cpu, filled = read_settings(config, "cpu")
+    assert (on_cpu.top_units, on_cpu.ig_steps, filled) == (1, 8, {"top_units": 1, "ig_steps": 8})
+    on_gpu, _ = read_settings(config, "cuda")
+    assert (on_gpu.top_units, on_gpu.ig_steps) == (5, 64)
+    chosen, filled = read_settings({**config, "ig_steps": 3}, "cpu")  # a value set by the user stays
+    assert (chosen.ig_steps, filled) == (3, {"top_units": 1})
+
+
+class RowCounter(nn.Module):
+    """TinyNet that counts the image rows of its forward passes, and of those that carry a gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyNet()
+        self.forward_rows = self.backward_rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.forward_rows += len(x)
+        output = self.net(x)
+        if output.requires_grad:  # counted when a gradient flows back through these rows
+            output.register_hook(lambda grad: setattr(self, "backward_rows", self.backward_rows + len(grad)))
+        return output
+
+
+@pytest.mark.parametrize("method", ["saliency", "guided_grad_cam", "integrated_gradients", "occlusion", "lime"])
+def test_the_announced_passes_are_those_the_methods_make(method):
+    settings, _ = read_settings({**SETTINGS, "ig_steps": 5, "ig_internal_batch": 64, "occlusion_window": 3,
+                                 "occlusion_stride": 2, "lime_samples": 7, "lime_segments": 4}, "cpu")
+    counter = RowCounter()
+    model = prepare_model(counter)
+    images = torch.randint(0, 255, (2, 3, 6, 6), dtype=torch.uint8)
+    x = images.float() / 255
+    method_settings = MethodSettings(**{f.name: getattr(settings, f.name) for f in fields(MethodSettings)})
+    counted = model.net  # prepare_model works on a copy
+    attribution_maps(explained(model, None, "net.conv"), method, x, torch.tensor([0, 1]), x[:1] * 0,
+                     method_settings, images.permute(0, 2, 3, 1).numpy())
+    # occlusion on 6 px with window 3, stride 2: Captum's ceil((6 - 3) / 2) + 1 = 3 positions per side
+    expected = {"saliency": (1, 1), "guided_grad_cam": (2, 2), "integrated_gradients": (5, 5),
+                "occlusion": (3 * 3 + 1, 0), "lime": (7, 0)}[method]
+    assert attribute.model_passes(method, settings, 6) == expected
+    assert (counted.forward_rows, counted.backward_rows) == (2 * expected[0], 2 * expected[1])
 
 
 HOSTILE = "<img src=x onerror=alert(1)>"
@@ -393,7 +480,7 @@ def test_the_stage_writes_pairs_maps_strips_and_checks(planted_run):
     np.testing.assert_allclose(units["score"], top["max_activation"], rtol=2e-3)
     by_iou = tallied.sort_values(["iou", "unit"], ascending=[False, True])
     for top_units, threshold in ((1, 0.04), (2, 0.04), (2, by_iou["iou"].iat[1])):
-        top_settings = read_settings({**SETTINGS, "top_units": top_units})
+        top_settings, _ = read_settings({**SETTINGS, "top_units": top_units}, "cpu")
         detectors = by_iou[by_iou["iou"] > threshold]["unit"].head(top_units)
         assert attribute.select_units(run_dir, ["units"], top_settings, threshold) == [("units", u) for u in detectors]
     classes = pairs[pairs["kind"] == "class"]
@@ -401,7 +488,7 @@ def test_the_stage_writes_pairs_maps_strips_and_checks(planted_run):
 
     maps = zarr.open_group(out_dir / "maps.zarr", mode="r")
     images = torch.stack([IDENTITY.load(Image.open(Path(cfg.dataset.root) / "images" / i)) for i in pairs["image_id"]])
-    model = prepare_model(RedSpots(), IDENTITY.normalise(images[:1]), METHODS)
+    model = prepare_model(RedSpots())
     for method in METHODS:
         stored, scale = maps[method][:], maps["scale"][method][:]
         assert stored.shape == (len(pairs), 64, 64) and stored.dtype == np.float16
