@@ -1,22 +1,39 @@
 """The embed stage: a 2-D map of the probe images in one layer's feature space (t-SNE and UMAP).
 
-It reads the features of ``embed.layer`` for the N valid probe images, (N, D):
-a vector layer as stored, a map layer (N, U, h, w) averaged over space to
-(N, U). PCA (scikit-learn) reduces them to k = min(pca_components, N, D)
-components, and the PCA features are laid out in 2-D by t-SNE
-(``sklearn.manifold.TSNE``, init='pca') and UMAP (``umap.UMAP``). The
-perplexity is clipped to (N - 1) / 3 (t-SNE looks at 3 * perplexity
-neighbours) and n_neighbors to N - 1. Every random choice (PCA's randomised
-solver, both layouts, the samples below) is seeded by ``embed.seed``, so the
-coordinates are byte-identical across runs; umap-learn then runs its
-optimisation on one thread.
+It reads the features of ``embed.layer`` for the valid probe images: a vector
+layer as stored, a map layer (U, h, w) averaged over space to (U,). Images
+with any non-finite feature (float16 overflow gives inf) are left out with a
+warning; N is the number of images kept, D the number of features. PCA
+(scikit-learn) reduces them to k = min(pca_components, N - 1, D) components (N
+centred rows span at most N - 1 dimensions), and the PCA features are laid out
+in 2-D by t-SNE (``sklearn.manifold.TSNE``, init='pca') and UMAP
+(``umap.UMAP``). The perplexity is clipped to (N - 1) / 3 (t-SNE looks at 3 *
+perplexity neighbours) and n_neighbors to N - 1. Every random choice (PCA's
+randomised solver, both layouts, the samples below) is seeded by
+``embed.seed``, so the coordinates are byte-identical across runs; umap-learn
+then runs its optimisation on one thread.
+
+A dead or collapsed layer is something users come to find, so it never fails
+the stage:
+
+- Informative dimensions r: the number of the k PCA components whose explained
+  variance exceeds ``RANK_TOLERANCE`` (1e-8) times the first's, i.e. the
+  numerical rank of the centred features, counted up to k. When r < k a
+  warning says so and PCA keeps r components; when r = 1 the 1-d scores get a
+  zero second column (t-SNE's PCA init needs two; it changes no distance).
+- No information: when the features are exactly constant over the images (all
+  zero included; r = 0), or fewer than MIN_IMAGES images have finite features,
+  a warning gives the reason, and no PCA, layout, neighbour or picture is made
+  (stale ones are removed): the stage writes only ``coords.parquet``, with NaN
+  coordinates, and ``summary.json``.
 
 Outputs, in ``<out_dir>/embed/``:
 
-- ``coords.parquet``: one row per valid image, columns image_id, label,
-  tsne_x, tsne_y, umap_x, umap_y (float32). For a Broden probe set the label
-  is the image's scene label, else its object label with the largest area (over
-  all object mask layers), else its texture label, else ''; '' for a folder.
+- ``coords.parquet``: one row per image kept, columns image_id, label,
+  tsne_x, tsne_y, umap_x, umap_y (float32; NaN when the layer carries no
+  information). For a Broden probe set the label is the image's scene label,
+  else its object label with the largest area (over all object mask layers),
+  else its texture label, else ''; '' for a folder.
 - ``scatter_tsne.png``, ``scatter_umap.png``: the layouts coloured by label
   (the 19 most frequent labels, the rest as 'other').
 - ``thumbnails_tsne.png``, ``thumbnails_umap.png``: images snapped to a
@@ -26,11 +43,13 @@ Outputs, in ``<out_dir>/embed/``:
   neighbour_image_id, distance): for ``queries`` seeded query images, their
   ``neighbours`` nearest images in the original D-dimensional features
   (Euclidean, not PCA).
-- ``summary.json``, written last: the settings, the values used after
-  clipping, N, D, PCA explained variance, the trustworthiness of each layout
-  (PCA features vs 2-D coordinates on a seeded sample of at most
-  ``trustworthiness_sample`` images) and the seconds of each step. A run whose
-  summary holds the same settings is skipped.
+- ``summary.json``, written last: the settings, N, D, the images left out
+  (invalid, and ``non_finite_images_left_out``), ``informative_dimensions``
+  (r), the seconds of each step; then either ``no_information`` (the reason, a
+  sentence) or the values used after clipping, PCA explained variance and the
+  trustworthiness of each layout (PCA features vs 2-D coordinates on a seeded
+  sample of at most ``trustworthiness_sample`` images). A run whose summary
+  holds the same settings (and whose other outputs are there) is skipped.
 """
 
 import logging
@@ -57,6 +76,7 @@ from tqdm import tqdm
 
 from dissect.artifacts import open_activations, read_json, write_json_atomic
 from dissect.broden import BrodenDataset, BrodenFormatError
+from dissect.errors import DissectError
 from dissect.probe import open_probe_set
 
 log = logging.getLogger(__name__)
@@ -74,9 +94,10 @@ MAX_LABELS = 19  # labels with their own colour; the rest are drawn as 'other' (
 THUMBNAIL_PX = 48  # side of one cell of the thumbnail maps
 NEIGHBOUR_PX = 96  # side of one image of neighbours.png
 FEATURE_BLOCK_ROWS = 4096  # rows of the feature matrix per block of the neighbour search
+RANK_TOLERANCE = 1e-8  # a PCA component is informative when its variance exceeds this fraction of the first's
 
 
-class EmbedError(ValueError):
+class EmbedError(DissectError):
     """The embed stage cannot run with this configuration or run directory."""
 
 
@@ -138,17 +159,40 @@ def run(cfg: DictConfig) -> Path:
     seconds: dict[str, float] = {}
     with timed("read features", seconds):
         features, rows = read_features(store, settings.layer)
-    image_ids = [str(i) for i in store["image_ids"][:][rows]]
-    n_images, n_features = features.shape
-    if n_images < MIN_IMAGES or n_features < 2:
+    n_valid, n_features = features.shape
+    if n_valid < MIN_IMAGES or n_features < 2:
         raise EmbedError(f"embed needs at least {MIN_IMAGES} valid images and 2 features; layer "
-                         f"{settings.layer!r} has {n_images} valid images and {n_features} features")
-    used = used_settings(settings, n_images, n_features)
+                         f"{settings.layer!r} has {n_valid} valid images and {n_features} features")
+    features, rows = finite_rows(features, rows, settings.layer)
+    n_images = len(features)
+    image_ids = [str(i) for i in store["image_ids"][:][rows]]
     paths = probe_paths(cfg.dataset, image_ids)
     with timed("labels", seconds):
         labels = probe_labels(cfg.dataset, image_ids)
+    layer_kind = store.attrs["layers"][settings.layer]["kind"]
+    facts = {
+        "settings": asdict(settings),
+        "layer_kind": "vector" if layer_kind == "vector" else "map, averaged over space",
+        "images": n_images,
+        "invalid_images_left_out": int(store["valid"].shape[0] - n_valid),
+        "non_finite_images_left_out": n_valid - n_images,
+        "features": n_features,
+    }
+    reason = no_information(features, n_valid, settings.layer)
+    if reason is not None:
+        log.warning("embed: %s", reason)
+        write_no_information(out, image_ids, labels)
+        write_summary(summary_path, facts | {"informative_dimensions": 0, "no_information": reason}, seconds)
+        return out
+    used = used_settings(settings, n_images, n_features)
     with timed("pca", seconds):
         reduced, explained = pca_features(features, used["pca_components"], settings.seed)
+    informative = reduced.shape[1]
+    if informative < used["pca_components"]:
+        log.warning("embed: layer %s has only %d informative dimensions (PCA components with more than %g of the "
+                    "first's variance), so PCA keeps %d of its %d components", settings.layer, informative,
+                    RANK_TOLERANCE, informative, used["pca_components"])
+    reduced = at_least_two_columns(reduced)
     layouts = {}
     with timed("tsne", seconds):
         layouts["tsne"] = tsne_layout(reduced, used["perplexity"], settings.seed)
@@ -165,35 +209,35 @@ def run(cfg: DictConfig) -> Path:
     write_neighbours(out / NEIGHBOURS_CSV, image_ids, queries, neighbours, distances)
     with timed("pictures", seconds):
         draw_pictures(out, paths, image_ids, labels, layouts, queries, neighbours, distances, settings)
-    layer_kind = store.attrs["layers"][settings.layer]["kind"]
-    write_json_atomic(summary_path, {
-        "settings": asdict(settings),
+    write_summary(summary_path, facts | {
         "used": used,
-        "layer_kind": "vector" if layer_kind == "vector" else "map, averaged over space",
-        "images": n_images,
-        "invalid_images_left_out": int(store["valid"].shape[0] - n_images),
-        "features": n_features,
-        "pca": {"components": used["pca_components"], "explained_variance_ratio": explained.tolist(),
+        "informative_dimensions": informative,
+        "pca": {"components": informative, "explained_variance_ratio": explained.tolist(),
                 "explained_variance_total": float(explained.sum())},
         "trustworthiness": trust | {
-            "computed_on": (f"PCA features ({used['pca_components']} components) vs the 2-D coordinates, "
+            "computed_on": (f"PCA features ({informative} components) vs the 2-D coordinates, "
                             f"on a random sample of {used['trustworthiness_sample']} images "
                             f"(seed {settings.seed}), {used['trustworthiness_neighbors']} neighbours")},
         "neighbours_space": f"original layer features ({n_features}-d), Euclidean",
-        "seconds": {step: round(value, 3) for step, value in seconds.items()},
-        "versions": {name: version(name) for name in ("scikit-learn", "umap-learn", "numpy")},
-    })
+    }, seconds)
     log.info("embed: wrote %s (%d images, %d features; trustworthiness t-SNE %.3f, UMAP %.3f)",
              out, n_images, n_features, trust["tsne"], trust["umap"])
     return out
 
 
 def is_complete(out: Path, settings: EmbedSettings) -> bool:
-    """Whether ``out`` holds every output and a summary made with these settings."""
+    """Whether ``out`` holds a summary made with these settings and every output it implies.
+
+    A layer without information has only coords.parquet besides the summary.
+    """
     summary_path = out / SUMMARY
-    if not summary_path.is_file() or read_json(summary_path)["settings"] != asdict(settings):
+    if not summary_path.is_file():
         return False
-    return all((out / name).is_file() for name in (COORDS, NEIGHBOURS_CSV, *PICTURES))
+    summary = read_json(summary_path)
+    if summary["settings"] != asdict(settings):
+        return False
+    names = (COORDS,) if "no_information" in summary else (COORDS, NEIGHBOURS_CSV, *PICTURES)
+    return all((out / name).is_file() for name in names)
 
 
 @contextmanager
@@ -209,7 +253,7 @@ def timed(step: str, seconds: dict[str, float]) -> Iterator[None]:
 def used_settings(settings: EmbedSettings, n_images: int, n_features: int) -> dict[str, Any]:
     """The values actually used for N images of D features (each setting clipped to what N and D allow)."""
     used = {
-        "pca_components": min(settings.pca_components, n_images, n_features),
+        "pca_components": min(settings.pca_components, n_images - 1, n_features),
         "perplexity": min(settings.perplexity, (n_images - 1) / 3),
         "n_neighbors": min(settings.n_neighbors, n_images - 1),
         "trustworthiness_sample": min(settings.trustworthiness_sample, n_images),
@@ -249,11 +293,42 @@ def read_features(store: zarr.Group, layer: str) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(blocks), np.flatnonzero(valid)
 
 
+def finite_rows(features: np.ndarray, rows: np.ndarray, layer: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) features and their (N,) store rows, less the images with any non-finite feature (with a warning)."""
+    finite = np.isfinite(features).all(axis=1)
+    if finite.all():
+        return features, rows
+    log.warning("embed: %d of %d images have non-finite features in layer %s (float16 overflow gives inf); "
+                "they are left out", int((~finite).sum()), len(finite), layer)
+    return features[finite], rows[finite]
+
+
+def no_information(features: np.ndarray, n_valid: int, layer: str) -> str | None:
+    """Why the (N, D) features kept of n_valid images carry no information (a sentence), or None when they do."""
+    n_images, n_features = features.shape
+    if n_images < MIN_IMAGES:
+        return (f"Layer {layer} carries no information: only {n_images} of its {n_valid} valid images have finite "
+                f"features, fewer than the {MIN_IMAGES} a map needs; no PCA, layout or picture is made.")
+    if (features == features[0]).all():
+        zero = " (all zero)" if not features.any() else ""
+        return (f"Layer {layer} carries no information: its {n_images} x {n_features} features are constant over "
+                f"the images{zero}, a dead or collapsed layer (the audit tells which units); no PCA, layout or "
+                "picture is made.")
+    return None
+
+
 def pca_features(features: np.ndarray, n_components: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, D) float32 -> ((N, n_components) float32 PCA scores, (n_components,) explained variance ratios)."""
+    """(N, D) float32 -> ((N, r) float32 PCA scores, (r,) explained variance ratios) of the r informative
+    components among the first n_components (see the module docstring); the features must not be constant."""
     pca = PCA(n_components=n_components, random_state=seed)
     reduced = pca.fit_transform(features).astype(np.float32)
-    return reduced, pca.explained_variance_ratio_
+    informative = int((pca.explained_variance_ > RANK_TOLERANCE * pca.explained_variance_[0]).sum())
+    return reduced[:, :informative], pca.explained_variance_ratio_[:informative]
+
+
+def at_least_two_columns(reduced: np.ndarray) -> np.ndarray:
+    """(N, r) -> (N, max(r, 2)): zero columns added, which change no distance; t-SNE's PCA init needs two."""
+    return np.pad(reduced, ((0, 0), (0, max(0, 2 - reduced.shape[1]))))
 
 
 def tsne_layout(reduced: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
@@ -350,6 +425,22 @@ def broden_label(broden: BrodenDataset, i: int) -> tuple[int, bool]:
         return int(areas.argmax()), readable
     textures = broden.image_labels(i, "texture")
     return (textures[0] if textures else 0), readable
+
+
+def write_no_information(out: Path, image_ids: list[str], labels: list[str]) -> None:
+    """coords.parquet with NaN coordinates for a layer without information; remove stale neighbours and pictures."""
+    nowhere = np.full((len(image_ids), 2), np.nan, np.float32)
+    write_coords(out / COORDS, image_ids, labels, {method: nowhere for method in METHODS})
+    for name in (NEIGHBOURS_CSV, *PICTURES):
+        (out / name).unlink(missing_ok=True)
+
+
+def write_summary(path: Path, summary: dict[str, Any], seconds: dict[str, float]) -> None:
+    """summary.json (the completion marker, so written last): summary, the seconds of each step, library versions."""
+    write_json_atomic(path, summary | {
+        "seconds": {step: round(value, 3) for step, value in seconds.items()},
+        "versions": {name: version(name) for name in ("scikit-learn", "umap-learn", "numpy")},
+    })
 
 
 def write_coords(path: Path, image_ids: list[str], labels: list[str], layouts: dict[str, np.ndarray]) -> None:

@@ -2,7 +2,9 @@
 
 ``render(run_dir, report_dir)`` returns an HTML fragment for
 ``<run_dir>/report/index.html`` (image paths relative to ``report_dir``), or
-None when the run has no embed output. Every data-derived text is escaped.
+None when the run has no embed output. When the layer carries no information
+(constant features) the section is the embed stage's sentence saying so,
+without pictures or tables. Every data-derived text is escaped.
 """
 
 import os
@@ -22,6 +24,7 @@ CAUTIONS = (
     "(and, for UMAP, across n_neighbors).",
 )
 READING_LINK = "https://distill.pub/2016/misread-tsne/"
+OPENING = ('<section class="section" id="embed">', "<h2>Representation map</h2>")
 
 
 def render(run_dir: Path, report_dir: Path) -> str | None:
@@ -30,11 +33,12 @@ def render(run_dir: Path, report_dir: Path) -> str | None:
     if not summary_path.is_file():
         return None
     summary = read_json(summary_path)
+    if "no_information" in summary:
+        return "\n".join([*OPENING, f"<p>{escape(summary['no_information'])}</p>", "</section>"])
     base = Path(os.path.relpath(Path(run_dir) / EMBED_DIR, report_dir)).as_posix()
     settings, used = summary["settings"], summary["used"]
     parts = [
-        '<section class="section" id="embed">',
-        "<h2>Representation map</h2>",
+        *OPENING,
         f"<p>{intro(summary)}</p>",
         "<h3>How to read it</h3>",
         "<ul>",
@@ -61,14 +65,20 @@ def render(run_dir: Path, report_dir: Path) -> str | None:
 
 
 def intro(summary: dict[str, Any]) -> str:
-    """One escaped sentence: what was projected and how much variance PCA kept."""
-    pca = summary["pca"]
+    """Escaped sentences: what was projected, how much variance PCA kept, and what was left out or clipped."""
+    pca, asked = summary["pca"], summary["used"]["pca_components"]
     left_out = summary["invalid_images_left_out"]
+    non_finite = summary.get("non_finite_images_left_out", 0)  # absent from summaries of older runs
     text = (f"Layer {summary['settings']['layer']} ({summary['layer_kind']}): {summary['images']} probe images, "
             f"{summary['features']} features, reduced by PCA to {pca['components']} components that keep "
             f"{100 * pca['explained_variance_total']:.1f}% of the variance, then laid out by t-SNE and UMAP.")
+    if pca["components"] < asked:
+        text += (f" PCA keeps only {pca['components']} of the {asked} components asked: the features have only "
+                 f"{pca['components']} informative dimensions.")
     if left_out:
         text += f" {left_out} unreadable images are left out."
+    if non_finite:
+        text += f" {non_finite} images with non-finite features (float16 overflow) are left out."
     return escape(text)
 
 

@@ -22,6 +22,9 @@ from reports import embed_section
 # neighbours) 0.950-0.954 (t-SNE) and 0.931-0.937 (UMAP).
 MIN_SILHOUETTE = 0.8
 MIN_PURITY = 0.95
+# small layouts and pictures for the 40 images of the image_folder fixture
+SMALL = ["embed.perplexity=5", "embed.n_neighbors=5", "embed.thumbnail_grid=4", "embed.queries=3",
+         "embed.neighbours=4", "embed.trustworthiness_sample=30"]
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +167,8 @@ def test_an_unextracted_layer_and_bad_settings_are_refused(tmp_path, compose_con
 
 def test_stage_end_to_end_on_a_tiny_store(tmp_path, image_folder, tiny_checkpoint, compose_config):
     run_dir = tmp_path / "run"
-    cfg = compose_config(tiny_overrides(image_folder, run_dir, tiny_checkpoint) + [
-        "embed.layer=classifier.fc1", "embed.perplexity=5", "embed.n_neighbors=5", "embed.thumbnail_grid=4",
-        "embed.queries=3", "embed.neighbours=4", "embed.trustworthiness_sample=30"])
+    cfg = compose_config(tiny_overrides(image_folder, run_dir, tiny_checkpoint) + ["embed.layer=classifier.fc1"]
+                         + SMALL)
     extract.run(cfg)
     out = embed.run(cfg)
     coords = pd.read_parquet(out / embed.COORDS)
@@ -179,7 +181,8 @@ def test_stage_end_to_end_on_a_tiny_store(tmp_path, image_folder, tiny_checkpoin
     assert len(table) == 3 * 4 and table["rank"].tolist() == [1, 2, 3, 4] * 3
     assert all(d.is_monotonic_increasing for _, d in table.groupby("query_image_id")["distance"])
     summary = read_json(out / embed.SUMMARY)
-    assert (summary["images"], summary["features"], summary["used"]["pca_components"]) == (40, 128, 40)
+    # 40 centred rows span at most 39 dimensions
+    assert (summary["images"], summary["features"], summary["used"]["pca_components"]) == (40, 128, 39)
     assert summary["used"]["perplexity"] == 5 and summary["used"]["trustworthiness_neighbors"] == 10
     assert 0 < summary["pca"]["explained_variance_total"] <= 1 + 1e-6
     assert set(summary["seconds"]) >= {"pca", "tsne", "umap", "trustworthiness", "neighbours", "pictures"}
@@ -213,3 +216,94 @@ def test_report_section_is_absent_without_output_and_escapes_data(tmp_path):
         "neighbours_space": "original", "seconds": {"tsne": 1.0, "umap": 2.0}}).to_json())
     html = embed_section.render(tmp_path, tmp_path / "report")
     assert "&lt;b&gt;fc&lt;/b&gt;" in html and "<b>fc" not in html and "PCA &lt;features&gt;" in html
+
+
+def folder_ids(image_folder: Path) -> list[str]:
+    """The image ids of the image_folder fixture, in probe-set order."""
+    return sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("img*"))
+
+
+def embed_features(run_dir: Path, image_folder: Path, features: np.ndarray, compose_config) -> Path:
+    """Run the embed stage on a store whose layer 'feat' holds the given (40, D) features of image_folder's images.
+
+    They are stored as (40, D, 1, 1) float16 maps, which the stage averages over space back to themselves.
+    """
+    write_activation_store(run_dir, folder_ids(image_folder), {"feat": features[:, :, None, None]})
+    return embed.run(compose_config(["dataset=folder", f"dataset.root={image_folder}", f"out_dir={run_dir}",
+                                     "embed.layer=feat"] + SMALL))
+
+
+def centred_rank(features: np.ndarray) -> int:
+    """The rank of the (N, D) features after subtracting their mean, by numpy."""
+    stored = features.astype(np.float16).astype(np.float64)
+    return int(np.linalg.matrix_rank(stored - stored.mean(axis=0)))
+
+
+def with_inf(features: np.ndarray, rows: list[int]) -> np.ndarray:
+    """A copy of the features whose given rows are inf in one column (as float16 overflow makes them)."""
+    features = features.copy()
+    features[rows, 1] = np.inf
+    return features
+
+
+NO_INFORMATION = {
+    "all zero": (np.zeros((40, 8)), 0, "its 40 x 8 features are constant over the images (all zero), a dead"),
+    "constant": (np.tile(np.linspace(-2, 3, 8), (40, 1)), 0,
+                 "its 40 x 8 features are constant over the images, a dead"),
+    "3 finite": (with_inf(np.random.default_rng(0).normal(size=(40, 8)), list(range(3, 40))), 37,
+                 "only 3 of its 40 valid images have finite features, fewer than the 4"),
+}
+
+
+@pytest.mark.parametrize("case", NO_INFORMATION)
+def test_a_layer_without_information_ends_normally_with_nan_coordinates(case, tmp_path, image_folder,
+                                                                         compose_config, caplog):
+    features, non_finite, reason = NO_INFORMATION[case]
+    stale = tmp_path / "embed" / "scatter_tsne.png"
+    stale.parent.mkdir()
+    stale.write_bytes(b"from an earlier run")
+    with caplog.at_level("WARNING", logger="dissect.embed"):
+        out = embed_features(tmp_path, image_folder, features, compose_config)
+    warnings = [r.getMessage() for r in caplog.records if "Layer feat carries no information" in r.getMessage()]
+    assert len(warnings) == 1 and reason in warnings[0]
+    summary = read_json(out / embed.SUMMARY)
+    kept = len(features) - non_finite
+    if non_finite == 0:
+        assert centred_rank(features) == 0
+    assert summary["informative_dimensions"] == 0 and reason in summary["no_information"]
+    assert (summary["images"], summary["non_finite_images_left_out"], summary["features"]) == (kept, non_finite, 8)
+    assert "pca" not in summary and "trustworthiness" not in summary
+    coords = pd.read_parquet(out / embed.COORDS)
+    assert list(coords.columns) == ["image_id", "label", "tsne_x", "tsne_y", "umap_x", "umap_y"]
+    assert coords["image_id"].tolist() == folder_ids(image_folder)[:kept] and (coords["label"] == "").all()
+    assert np.isnan(coords[["tsne_x", "tsne_y", "umap_x", "umap_y"]].to_numpy()).all()
+    assert not any((out / name).exists() for name in (embed.NEIGHBOURS_CSV, *embed.PICTURES))
+    stamp = (out / embed.SUMMARY).stat().st_mtime_ns
+    assert embed_features(tmp_path, image_folder, features, compose_config) == out
+    assert (out / embed.SUMMARY).stat().st_mtime_ns == stamp  # complete: skipped
+
+    html = embed_section.render(tmp_path, tmp_path / "report")
+    assert "<h2>Representation map</h2>" in html and "Layer feat carries no information" in html
+    assert reason in html and "<img" not in html and "<table" not in html
+
+
+def test_features_of_rank_one_are_laid_out_on_one_pca_component(tmp_path, image_folder, compose_config, caplog):
+    # every image's features are a multiple of one integer vector plus an offset: exact in float16
+    features = 5 + np.arange(40.0)[:, None] * np.array([1, -2, 3, 0, 1, 2, -3, 1])
+    features = with_inf(features, [7, 19])
+    finite = np.isfinite(features).all(axis=1)
+    with caplog.at_level("WARNING", logger="dissect.embed"):
+        out = embed_features(tmp_path, image_folder, features, compose_config)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("has only 1 informative dimensions" in m and "PCA keeps 1 of its 8 components" in m
+               for m in messages) == 1
+    assert sum("2 of 40 images have non-finite features in layer feat" in m for m in messages) == 1
+    summary = read_json(out / embed.SUMMARY)
+    assert summary["informative_dimensions"] == centred_rank(features[finite]) == 1
+    assert (summary["images"], summary["non_finite_images_left_out"], summary["pca"]["components"]) == (38, 2, 1)
+    coords = pd.read_parquet(out / embed.COORDS)
+    assert coords["image_id"].tolist() == [i for i, keep in zip(folder_ids(image_folder), finite) if keep]
+    assert np.isfinite(coords[["tsne_x", "tsne_y", "umap_x", "umap_y"]].to_numpy()).all()
+    assert all((out / name).is_file() for name in (embed.NEIGHBOURS_CSV, *embed.PICTURES))
+    html = embed_section.render(tmp_path, tmp_path / "report")
+    assert "PCA keeps only 1 of the 8 components asked" in html and "2 images with non-finite features" in html
