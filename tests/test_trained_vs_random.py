@@ -18,6 +18,7 @@ On the default set (3000 images) the embedded model has 71 detectors against
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from data_prep.synthetic_broden import generate
@@ -41,6 +42,7 @@ def dissect(compose_config, probe: Path, checkpoint: Path, outputs: int, name: s
     return {layer: json.loads((out_dir / layer / "summary.json").read_text()) for layer in LAYERS}
 
 
+@pytest.mark.slow  # trains a model: about 100 s on 2 cores
 def test_trained_model_has_clearly_more_detectors_than_random_weights(compose_config, tmp_path):
     probe = generate(tmp_path / "probe", n_images=N_IMAGES, size=224, seed=0, workers=2)
     metrics = train_embedded(probe, tmp_path / "trained")
