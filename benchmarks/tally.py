@@ -13,7 +13,8 @@ and masks:
   block tallies are removed before each repeat);
 - **block, 1 thread**: ``dissect.tally.tally_block`` over all images in one call,
   one thread (the algorithm alone);
-- **reference**: what the older tools do, written here: per image, per unit,
+- **reference**: what the older tools do, written in ``tests/reference_tally.py``
+  (``tests/test_tally_reference.py`` checks it against the stage too): per image, per unit,
   resize the map with ``torch.nn.functional.interpolate`` (bilinear,
   align_corners=False), threshold it, and ``numpy.bincount`` the label numbers
   under the mask (each (pixel, label) pair counted once), one thread.
@@ -33,11 +34,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import zarr
 from threadpoolctl import threadpool_limits
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from reference_tally import reference_counts, reference_iou  # noqa: E402
+
 PROBE = REPO / "data" / "synthetic_broden"
 TRAINED = REPO / "data" / "embedded_model" / "model.pt"
 DEFAULT_LAYERS = ["features.relu3", "features.relu4"]
@@ -62,53 +66,6 @@ def subset_probe(source: Path, target: Path, n_images: int) -> Path:
     return target
 
 
-def reference_counts(store_path: Path, broden_root: Path, layers: list[str],
-                     thresholds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The counts of the tally, one image and one unit at a time.
-
-    Returns ``truth`` (L+1,), ``intersection/<layer>`` (U, L+1) and
-    ``activation/<layer>`` (U, n_categories), int64, keyed as ``tally_block``'s result.
-    """
-    from dissect.broden import CATEGORIES, IMAGE_CATEGORIES, PIXEL_CATEGORIES, BrodenDataset
-
-    broden = BrodenDataset(broden_root)
-    n_labels = len(broden.labels)
-    store = zarr.open_group(str(store_path), mode="r")
-    maps = {layer: store[layer]["maps"][:] for layer in layers}
-    counts = {"truth": np.zeros(n_labels + 1, dtype=np.int64)}
-    for layer in layers:
-        counts[f"intersection/{layer}"] = np.zeros((maps[layer].shape[1], n_labels + 1), dtype=np.int64)
-        counts[f"activation/{layer}"] = np.zeros((maps[layer].shape[1], len(CATEGORIES)), dtype=np.int64)
-    for i in range(len(broden)):
-        size = broden.mask_size(i)
-        stacked = np.concatenate([broden.pixel_labels(i, c).reshape(-1, size[0] * size[1]) for c in PIXEL_CATEGORIES])
-        pixel, mask_layer = np.nonzero(stacked.T)  # the labelled (pixel, mask layer) positions
-        pairs = np.unique(pixel * (n_labels + 1) + stacked.T[pixel, mask_layer])  # each (pixel, label) once
-        pixel, label = pairs // (n_labels + 1), pairs % (n_labels + 1)
-        whole = [n for c in IMAGE_CATEGORIES for n in broden.image_labels(i, c)]
-        annotated = [k for k, c in enumerate(CATEGORIES) if broden.has_category(i, c)]
-        counts["truth"] += np.bincount(label, minlength=n_labels + 1)
-        counts["truth"][whole] += size[0] * size[1]
-        for layer in layers:
-            for unit, unit_map in enumerate(maps[layer][i]):
-                resized = F.interpolate(torch.from_numpy(unit_map.astype(np.float32))[None, None], size=size,
-                                        mode="bilinear", align_corners=False)[0, 0].numpy()
-                fired = (resized > thresholds[layer][unit]).ravel()
-                counts[f"intersection/{layer}"][unit] += np.bincount(label[fired[pixel]], minlength=n_labels + 1)
-                counts[f"intersection/{layer}"][unit, whole] += fired.sum()
-                counts[f"activation/{layer}"][unit, annotated] += fired.sum()
-    return counts
-
-
-def reference_iou(counts: dict[str, np.ndarray], layer: str, label_categories: np.ndarray) -> np.ndarray:
-    """(U, L) IoU = I / (A[category of the label] + T - I), 0 where the union is empty, from ``reference_counts``."""
-    intersection = counts[f"intersection/{layer}"][:, 1:].astype(np.float64)
-    union = counts[f"activation/{layer}"][:, label_categories] + counts["truth"][None, 1:] - intersection
-    iou = np.zeros_like(intersection)
-    np.divide(intersection, union, out=iou, where=union > 0)
-    return iou
-
-
 def best_seconds(function, repeats: int):
     """(best wall-clock seconds of ``repeats`` calls, the last result)."""
     best, result = float("inf"), None
@@ -131,9 +88,10 @@ def main() -> None:
         sys.exit("missing: " + "; ".join(missing))
 
     from dissect import tally
+    from dissect.artifacts import read_thresholds
     from dissect.broden import CATEGORIES, BrodenDataset
+    from dissect.layout import RunLayout
     from dissect.pipeline import run_pipeline
-    from dissect.thresholds import read_thresholds
 
     with tempfile.TemporaryDirectory() as tmp:
         probe = subset_probe(PROBE, Path(tmp) / "probe", args.images)
@@ -141,12 +99,15 @@ def main() -> None:
         cfg = compose(["model=default", f"model.checkpoint={TRAINED}", "dataset=default", f"dataset.root={probe}",
                        f"out_dir={out_dir}", f"layers=[{','.join(args.layers)}]", "stages=[extract,thresholds]"])
         run_pipeline(cfg)
-        thresholds = {layer: read_thresholds(out_dir / layer) for layer in args.layers}
-        store = out_dir / "activations.zarr"
+        layout = RunLayout(out_dir)
+        thresholds = {layer: read_thresholds(layout, layer) for layer in args.layers}
+        store = layout.activations
         units = sum(zarr.open_group(str(store), mode="r")[layer]["maps"].shape[1] for layer in args.layers)
 
-        def stage() -> None:
-            shutil.rmtree(out_dir / tally.PARTS_DIR, ignore_errors=True)
+        def stage() -> None:  # from scratch each time: no kept blocks, no stamps
+            shutil.rmtree(layout.tally_parts, ignore_errors=True)
+            for layer in args.layers:
+                layout.stamp("tally", layer).unlink(missing_ok=True)
             tally.run(cfg)
 
         stage_s, _ = best_seconds(stage, args.repeats)
@@ -165,7 +126,7 @@ def main() -> None:
         label_categories = np.array([CATEGORIES.index(broden.category_of(n)) for n in range(1, len(broden.labels) + 1)])
         for layer in args.layers:
             expected = reference_iou(reference, layer, label_categories).astype(np.float32)
-            if not np.array_equal(np.load(out_dir / layer / tally.IOU_NPY), expected):
+            if not np.array_equal(np.load(layout.iou_npy(layer)), expected):
                 raise AssertionError(f"{layer}: the stage's iou.npy differs from the reference's IoU")
 
     print(f"\n{args.images} images of {PROBE.name}, layers {', '.join(args.layers)} ({units} units); best of "

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from dissect.layout import RunLayout
+
 REPO = Path(__file__).resolve().parents[1]
 TRAINED = REPO / "data" / "embedded_model" / "model.pt"
 PROBE = REPO / "data" / "synthetic_broden"
@@ -66,7 +68,7 @@ def dissect(name: str, checkpoint: Path, layers: list[str] | None, out_dir: Path
 
 
 def summary(out_dir: Path, layer: str) -> dict:
-    return json.loads((out_dir / layer / "summary.json").read_text())
+    return json.loads(RunLayout(out_dir).tally_json(layer).read_text())
 
 
 def main() -> None:
@@ -90,7 +92,7 @@ def main() -> None:
     seconds = {}
     for kind, (name, checkpoint, out_dir) in runs.items():
         seconds[kind], layers = dissect(name, checkpoint, args.layers, out_dir)
-    layers = [layer for layer in layers if (runs["trained"][2] / layer / "summary.json").exists()]  # map layers
+    layers = [layer for layer in layers if RunLayout(runs["trained"][2]).tally_json(layer).exists()]  # map layers
     print(f"\nprobe set {PROBE} ; trained {TRAINED} ; random: SmallCNN seed {args.seed}")
     print(f"pipeline seconds (stages already done are skipped): trained {seconds['trained']:.1f}, "
           f"random {seconds['random']:.1f}")

@@ -1,22 +1,16 @@
-"""File names and small I/O helpers shared by the stages.
-
-Every stage reads the artifacts of earlier stages from the run directory
-(``out_dir``) and writes its own there; these names are the interface.
-"""
+"""Small I/O helpers shared by the stages (the paths themselves are in ``dissect.layout``)."""
 
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import zarr
 
 from dissect.errors import ArtifactError
-
-ACTIVATIONS = "activations.zarr"
-EXTRACT_PROGRESS = "extract_progress.json"
-SKIPPED_IMAGES = "skipped_images.csv"
-
+from dissect.layout import RunLayout
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON so that a reader (or a killed writer) never sees half a file."""
@@ -36,10 +30,27 @@ def read_json(path: Path) -> Any:
 
 def open_activations(run_dir: Path) -> zarr.Group:
     """Open a finished extract stage's store read-only; raise if it is missing or unfinished."""
-    path = Path(run_dir) / ACTIVATIONS
+    path = RunLayout(run_dir).activations
     if not path.is_dir():
         raise ArtifactError(f"no activations at {path}; run the extract stage first (stages=[extract])")
     group = zarr.open_group(path, mode="r")
     if not group.attrs.get("complete", False):
         raise ArtifactError(f"the activations at {path} are unfinished; run the extract stage again to finish them")
     return group
+
+
+def map_layers(store: zarr.Group, requested: list[str]) -> list[str]:
+    """The requested layers that the store holds as maps (vector layers cannot be dissected against masks)."""
+    missing = [name for name in requested if name not in store.attrs["layers"]]
+    if missing:
+        raise ArtifactError(f"layers {missing} were not extracted; the store holds {store.attrs['layer_order']}. "
+                            "Add them to layers=[...] and run the extract stage")
+    return [name for name in requested if store.attrs["layers"][name]["kind"] == "map"]
+
+
+def read_thresholds(layout: RunLayout, layer: str) -> np.ndarray:
+    """(U,) thresholds of a layer written by the thresholds stage; float64, exactly as computed."""
+    path = layout.thresholds_csv(layer)
+    if not path.is_file():
+        raise ArtifactError(f"no thresholds for layer {layer!r} ({path} is missing); run the thresholds stage first")
+    return pd.read_csv(path)["threshold"].to_numpy(np.float64)

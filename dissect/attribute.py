@@ -55,7 +55,7 @@ Outputs in ``<out_dir>/attribute/``:
   image, then each method's map over it) and
   ``strips/classes/image_<index:06d>_class_<c>.png`` (one row per class pair).
 - ``agreement.csv`` (Broden probe sets): for each selected unit labelled with
-  concept c (``<layer>/tally.csv``), per method, the share of the map's
+  concept c (``layers/<layer>/tally.csv``), per method, the share of the map's
   *positive* mass inside c's mask on the unit's top images (mean over images
   with positive mass) against the chance share (the mask's area share on the
   same images).
@@ -67,16 +67,18 @@ Outputs in ``<out_dir>/attribute/``:
   trained model's by the Spearman rank correlation of their absolute values
   (mean and standard deviation over the pairs whose trained map is not
   constant; a randomised map that became constant counts 0).
-- ``summary.json`` (written last; its presence with the same settings makes a
-  rerun skip): settings, conventions, timings, agreement per method, final
-  randomisation correlations and the methods flagged because their maps barely
-  change once every layer is randomised (correlation above ``max_correlation``).
+- ``attribute.json``: settings, conventions, timings, agreement per method,
+  final randomisation correlations and the methods flagged because their maps
+  barely change once every layer is randomised (correlation above
+  ``max_correlation``).
+- the stage's stamp, written last (inputs: the settings, the model, the probe
+  set, the layers, ``tally.iou_threshold`` and the tally and topk stamps of
+  every layer), so a new tally or new top-k images re-run the stage.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import shutil
@@ -110,27 +112,23 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from dissect.artifacts import open_activations, read_json, write_json_atomic
+from dissect.artifacts import open_activations, write_json_atomic
 from dissect.broden import IMAGE_CATEGORIES, PIXEL_CATEGORIES, BrodenDataset
 from dissect.devices import pick_device
 from dissect.errors import DissectError
 from dissect.guided_relu import GuidedReLUs, other_activations
+from dissect.layout import RunLayout
 from dissect.layers import get_layer
 from dissect.models import load_model
 from dissect.probe import Preprocessing, open_probe_set
+from dissect.stamps import canonical, is_current, optional_digest, start, write_stamp
 
 log = logging.getLogger(__name__)
 
-ATTRIBUTE_DIR = "attribute"
-PAIRS_CSV = "pairs.csv"
-MAPS_ZARR = "maps.zarr"
-STRIPS_DIR = "strips"
-CLASS_STRIPS = "classes"
-AGREEMENT_CSV = "agreement.csv"
-RANDOMISATION_CSV = "randomisation.csv"
-SUMMARY_JSON = "summary.json"
+#: The version of this stage's output format.
+FORMAT = 1
 
-#: Each method and what its stored map is (summary.json and the report say it).
+#: Each method and what its stored map is (attribute.json and the report say it).
 MAP_CONVENTIONS = {
     "saliency": "sum over channels of |gradient|",
     "input_x_gradient": "sum over channels of input x gradient, signed",
@@ -642,7 +640,7 @@ def concept_mask(broden: BrodenDataset, index: int, number: int, category: str, 
     return mask[np.ix_(rows, columns)]
 
 
-def agreement_table(run_dir: Path, broden: BrodenDataset, pairs: pd.DataFrame, maps: zarr.Group,
+def agreement_table(layout: RunLayout, broden: BrodenDataset, pairs: pd.DataFrame, maps: zarr.Group,
                     methods: tuple[str, ...], size: int) -> pd.DataFrame:
     """Per selected unit and method: its concept's share of the positive map mass against the chance share.
 
@@ -651,10 +649,10 @@ def agreement_table(run_dir: Path, broden: BrodenDataset, pairs: pd.DataFrame, m
     rows = []
     units = pairs[pairs["kind"] == "unit"]
     for (layer, unit), group in units.groupby(["layer", "target"], sort=False):
-        if not (run_dir / layer / "tally.csv").exists():
+        if not layout.tally_csv(layer).exists():
             continue
-        tally = pd.read_csv(run_dir / layer / "tally.csv", keep_default_na=False).set_index("unit")
-        concepts = pd.read_csv(run_dir / layer / "concepts.csv", keep_default_na=False)
+        tally = pd.read_csv(layout.tally_csv(layer), keep_default_na=False).set_index("unit")
+        concepts = pd.read_csv(layout.concepts_csv(layer), keep_default_na=False)
         label, category = tally.at[unit, "label"], tally.at[unit, "category"]
         match = concepts[(concepts["name"] == label) & (concepts["category"] == category)]
         number = int(match["number"].iat[0])
@@ -707,23 +705,13 @@ def strip_image(rows: list[tuple[np.ndarray, dict[str, np.ndarray]]], methods: t
     return canvas
 
 
-def unit_strip_path(out_dir: Path, layer: str, unit: int) -> Path:
-    """Where the strip of a unit is written (``out_dir`` is ``<run_dir>/attribute``)."""
-    return out_dir / STRIPS_DIR / layer / f"unit_{unit:05d}.png"
-
-
-def class_strip_path(out_dir: Path, image_index: int, target: int) -> Path:
-    """Where the strip of a class pair is written."""
-    return out_dir / STRIPS_DIR / CLASS_STRIPS / f"image_{image_index:06d}_class_{target}.png"
-
-
 def read_maps(maps: zarr.Group, methods: tuple[str, ...], rows: pd.DataFrame) -> dict[str, np.ndarray]:
     """The stored maps (``stored_form``) of consecutive pairs ``rows`` of the pair table: method -> (n, S, S)."""
     start, stop = int(rows["pair"].iat[0]), int(rows["pair"].iat[-1]) + 1
     return {method: maps[method][start:stop].astype(np.float32) for method in methods}
 
 
-def write_strips(out_dir: Path, pairs: pd.DataFrame, images: torch.Tensor, maps: zarr.Group,
+def write_strips(layout: RunLayout, pairs: pd.DataFrame, images: torch.Tensor, maps: zarr.Group,
                  methods: tuple[str, ...]) -> None:
     """A strip per selected unit (its images as rows) and per class pair, from maps.zarr."""
     hwc = images.permute(0, 2, 3, 1).numpy()
@@ -735,7 +723,8 @@ def write_strips(out_dir: Path, pairs: pd.DataFrame, images: torch.Tensor, maps:
         stored = read_maps(maps, methods, group)
         rows = [(hwc[p], {method: values[k] for method, values in stored.items()})
                 for k, p in enumerate(group["pair"])]
-        path = unit_strip_path(out_dir, first, second) if kind == "unit" else class_strip_path(out_dir, first, second)
+        path = (layout.attribute_unit_strip(first, second) if kind == "unit"
+                else layout.attribute_class_strip(first, second))
         path.parent.mkdir(parents=True, exist_ok=True)
         strip_image(rows, methods).save(path)
 
@@ -743,7 +732,7 @@ def write_strips(out_dir: Path, pairs: pd.DataFrame, images: torch.Tensor, maps:
 # ------------------------------------------------------------------------------------------------- stage
 
 
-def select_units(run_dir: Path, layers: list[str], settings: AttributeSettings,
+def select_units(layout: RunLayout, layers: list[str], settings: AttributeSettings,
                  iou_threshold: float) -> list[tuple[str, int]]:
     """The (layer, unit) pairs to explain, in layer order, then by decreasing IoU (top) or unit index.
 
@@ -755,7 +744,7 @@ def select_units(run_dir: Path, layers: list[str], settings: AttributeSettings,
         return list(settings.unit_pairs)
     selected = []
     for layer in layers:
-        tally_path = run_dir / layer / "tally.csv"
+        tally_path = layout.tally_csv(layer)
         if not tally_path.exists():
             continue
         table = pd.read_csv(tally_path, keep_default_na=False)
@@ -765,26 +754,26 @@ def select_units(run_dir: Path, layers: list[str], settings: AttributeSettings,
         else:
             table = table[table["label"] == settings.unit_label]
         selected += [(layer, int(unit)) for unit in table["unit"]]
-    if settings.units == "top" and not any((run_dir / layer / "tally.csv").exists() for layer in layers):
-        raise AttributionError(f"attribute.units=top: no layer of {layers} has a tally.csv in {run_dir}; "
+    if settings.units == "top" and not any(layout.tally_csv(layer).exists() for layer in layers):
+        raise AttributionError(f"attribute.units=top: no layer of {layers} has a tally.csv in {layout.root}; "
                                "run the tally and topk stages first, or set attribute.units=pairs or none")
     return selected
 
 
-def unit_pair_rows(run_dir: Path, units: list[tuple[str, int]], images_per_unit: int) -> list[dict[str, Any]]:
+def unit_pair_rows(layout: RunLayout, units: list[tuple[str, int]], images_per_unit: int) -> list[dict[str, Any]]:
     """Pair rows (without pair number) of each unit's first images_per_unit top-k images (topk.csv)."""
     rows: list[dict[str, Any]] = []
     tables: dict[str, pd.DataFrame] = {}
     for layer, unit in units:
         if layer not in tables:
-            path = run_dir / layer / "topk.csv"
+            path = layout.topk_csv(layer)
             if not path.exists():
                 raise AttributionError(f"no top-k images of layer {layer!r} ({path} is missing); "
                                        "run the topk stage for it first")
             tables[layer] = pd.read_csv(path, keep_default_na=False)
         table = tables[layer]
         if unit not in set(table["unit"]):
-            raise AttributionError(f"unit {unit} of layer {layer!r} is not in {run_dir / layer / 'topk.csv'}; "
+            raise AttributionError(f"unit {unit} of layer {layer!r} is not in {layout.topk_csv(layer)}; "
                                    f"units are 0..{int(table['unit'].max())}")
         top = table[table["unit"] == unit].sort_values("rank")
         if len(top) < images_per_unit:
@@ -855,12 +844,12 @@ def predicted_classes(model: PreparedModel, images: torch.Tensor, preprocessing:
     return predicted
 
 
-def build_pairs(run_dir: Path, cfg: DictConfig, settings: AttributeSettings, model: PreparedModel,
+def build_pairs(layout: RunLayout, cfg: DictConfig, settings: AttributeSettings, model: PreparedModel,
                 preprocessing: Preprocessing, image_paths: list[Path], image_ids: list[str], valid: np.ndarray,
                 example: torch.Tensor, device: torch.device) -> tuple[pd.DataFrame, torch.Tensor]:
     """The pair table (see module docstring) and the (P, 3, S, S) uint8 image of every pair."""
-    units = select_units(run_dir, [str(layer) for layer in cfg.layers], settings, float(cfg.tally.iou_threshold))
-    rows = unit_pair_rows(run_dir, units, settings.images_per_unit)
+    units = select_units(layout, [str(layer) for layer in cfg.layers], settings, float(cfg.tally.iou_threshold))
+    rows = unit_pair_rows(layout, units, settings.images_per_unit)
     class_indices = class_image_indices(settings, image_ids, valid)
     if class_indices:
         class_images = load_images([image_paths[i] for i in class_indices], preprocessing)
@@ -927,17 +916,21 @@ def cost_sentence(settings: AttributeSettings, pairs: pd.DataFrame, input_size: 
             f"{checked * forward:,} and {checked * backward:,} more")
 
 
-def fingerprint(cfg: DictConfig, settings: AttributeSettings, description: dict[str, Any]) -> dict[str, Any]:
-    """What the outputs depend on, as it reads back from JSON; a change starts the stage over."""
-    return json.loads(json.dumps({"attribute": asdict(settings), "model": description,
-                                  "dataset": str(cfg.dataset.root), "layers": [str(layer) for layer in cfg.layers]}))
+def stage_inputs(cfg: DictConfig, layout: RunLayout, settings: AttributeSettings,
+                 description: dict[str, Any]) -> dict[str, Any]:
+    """What the outputs depend on (``dissect.stamps``), upstream tally and topk stamps included."""
+    layers = [str(layer) for layer in cfg.layers]
+    return canonical({"attribute": asdict(settings), "model": description, "dataset": str(cfg.dataset.root),
+                      "layers": layers, "iou_threshold": float(cfg.tally.iou_threshold),
+                      "upstream": {layer: {stage: optional_digest(layout.stamp(stage, layer))
+                                           for stage in ("tally", "topk")} for layer in layers}})
 
 
-def open_maps(out_dir: Path, key: dict[str, Any]) -> zarr.Group:
-    """maps.zarr for this fingerprint: kept when it matches (finished methods are resumed), else started over."""
-    path = out_dir / MAPS_ZARR
+def open_maps(layout: RunLayout, key: dict[str, Any]) -> zarr.Group:
+    """maps.zarr for these inputs: kept when they match (finished methods are resumed), else started over."""
+    out_dir, path = layout.attribute_dir, layout.attribute_maps
     if path.exists() and zarr.open_group(path, mode="r").attrs.get("fingerprint") != key:
-        log.info("attribute: settings changed since %s was written; starting over", out_dir)
+        log.info("attribute: the inputs changed since %s was written; starting over", out_dir)
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not path.exists():
@@ -978,8 +971,8 @@ def run(cfg: DictConfig) -> Path:
         log.info("attribute on %s: %s (attribute.%s.%s; set a key to override)", device.type,
                  ", ".join(f"{key}={value}" for key, value in filled.items()), DEVICE_DEFAULTS,
                  "cuda" if device.type == "cuda" else "cpu")
-    run_dir = Path(cfg.out_dir)
-    out_dir = run_dir / ATTRIBUTE_DIR
+    layout = RunLayout(Path(cfg.out_dir))
+    run_dir, out_dir = layout.root, layout.attribute_dir
     store = open_activations(run_dir)
     probe = open_probe_set(cfg.dataset)
     if list(store["image_ids"][:]) != probe.image_ids:
@@ -991,27 +984,27 @@ def run(cfg: DictConfig) -> Path:
     example = preprocessing.normalise(load_images([probe.image_paths[first]], preprocessing)).to(device)
     model = prepare_model(loaded.module.to(device))
     settings = drop_undefined_guided_methods(settings, model, example, cfg.attribute.methods == "all")
-    key = fingerprint(cfg, settings, loaded.description)
-    if (out_dir / SUMMARY_JSON).exists() and read_json(out_dir / SUMMARY_JSON).get("fingerprint") == key:
-        log.info("attribute: done with these settings, skipping")
+    key = stage_inputs(cfg, layout, settings, loaded.description)
+    if is_current(layout.stamp("attribute"), key, FORMAT, "attribute"):
         return out_dir
-    pairs, images = build_pairs(run_dir, cfg, settings, model, preprocessing, probe.image_paths, probe.image_ids,
+    pairs, images = build_pairs(layout, cfg, settings, model, preprocessing, probe.image_paths, probe.image_ids,
                                 valid, example, device)
     log.info("attribute: %s", cost_sentence(settings, pairs, loaded.input_size))
-    maps = open_maps(out_dir, key)
-    pairs.to_csv(out_dir / PAIRS_CSV, index=False)
+    start(layout.stamp("attribute"))
+    maps = open_maps(layout, key)
+    pairs.to_csv(layout.attribute_pairs_csv, index=False)
     method_settings = MethodSettings(**{f.name: getattr(settings, f.name) for f in fields(MethodSettings)})
     todo = [m for m in settings.methods if m not in maps.attrs["complete"]]
     with tqdm(total=len(todo) * len(pairs), desc="attribute", unit="map") as progress:
         for method in todo:
             progress.set_postfix_str(method)
             write_method(maps, method, model, pairs, images, method_settings, preprocessing, device, progress)
-    write_strips(out_dir, pairs, images, maps, settings.methods)
+    write_strips(layout, pairs, images, maps, settings.methods)
     agreement = None
     if cfg.dataset.kind == "broden" and (pairs["kind"] == "unit").any():
-        agreement = agreement_table(run_dir, BrodenDataset(probe.root), pairs, maps, settings.methods,
+        agreement = agreement_table(layout, BrodenDataset(probe.root), pairs, maps, settings.methods,
                                     loaded.input_size)
-        agreement.to_csv(out_dir / AGREEMENT_CSV, index=False, float_format="%.6f")
+        agreement.to_csv(layout.attribute_agreement_csv, index=False, float_format="%.6f")
     randomisation = None
     if settings.randomisation_pairs > 0:
         chosen = np.unique(np.linspace(0, len(pairs) - 1, min(settings.randomisation_pairs, len(pairs))).round()
@@ -1021,15 +1014,16 @@ def run(cfg: DictConfig) -> Path:
                                             {m: np.stack([maps[m][p] for p in chosen]) for m in settings.methods},
                                             method_settings, preprocessing, settings.batch_size,
                                             settings.randomisation_steps, device)
-        randomisation.to_csv(out_dir / RANDOMISATION_CSV, index=False, float_format="%.6f")
-    write_json_atomic(out_dir / SUMMARY_JSON, summary(key, settings, pairs, maps, agreement, randomisation, device))
+        randomisation.to_csv(layout.attribute_randomisation_csv, index=False, float_format="%.6f")
+    write_json_atomic(layout.attribute_json, summary(settings, pairs, maps, agreement, randomisation, device))
+    write_stamp(layout.stamp("attribute"), key, FORMAT)
     return out_dir
 
 
-def summary(key: dict[str, Any], settings: AttributeSettings, pairs: pd.DataFrame, maps: zarr.Group,
+def summary(settings: AttributeSettings, pairs: pd.DataFrame, maps: zarr.Group,
             agreement: pd.DataFrame | None, randomisation: pd.DataFrame | None, device: torch.device
             ) -> dict[str, Any]:
-    """summary.json: what was run, how fast, and what the trust checks say per method."""
+    """attribute.json: what was run, how fast, and what the trust checks say per method."""
     seconds = dict(maps.attrs["seconds"])
     methods: dict[str, dict[str, Any]] = {}
     for method in settings.methods:
@@ -1046,7 +1040,7 @@ def summary(key: dict[str, Any], settings: AttributeSettings, pairs: pd.DataFram
                                       "flagged": final > settings.max_correlation}
         methods[method] = entry
     flagged = [m for m, entry in methods.items() if entry.get("randomisation", {}).get("flagged")]
-    return {"fingerprint": key, "device": str(device), "pairs": {"unit": int((pairs["kind"] == "unit").sum()),
+    return {"settings": asdict(settings), "device": str(device), "pairs": {"unit": int((pairs["kind"] == "unit").sum()),
                                                                  "class": int((pairs["kind"] == "class").sum())},
             "units": int(pairs[pairs["kind"] == "unit"][["layer", "target"]].drop_duplicates().shape[0]),
             "methods": methods, "max_correlation": settings.max_correlation, "flagged_methods": flagged,

@@ -51,9 +51,9 @@ from settling.
 
 Outputs in ``<out_dir>/audit/``: ``units.csv`` (layer, unit, firing_rate,
 mean, max, zero_share, dead, nearly_dead, always_on), ``layers.csv``,
-``weights.csv``, ``firing_rates_<layer>.png``, ``first_layer_filters.png`` and
-``summary.json`` (written last: its presence with the same settings and the
-same extract session marks the audit done).
+``weights.csv``, ``firing_rates_<layer>.png``, ``first_layer_filters.png``,
+``audit.json`` (the figures and verdicts) and, last, the stage's stamp
+(inputs: the settings and the extract stage's stamp)
 """
 
 import logging
@@ -73,18 +73,16 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
-from dissect.artifacts import open_activations, read_json, write_json_atomic
+from dissect.artifacts import open_activations, write_json_atomic
 from dissect.errors import DissectError
+from dissect.layout import RunLayout
 from dissect.models import load_model
+from dissect.stamps import is_current, stamp_digest, start, write_stamp
 
 log = logging.getLogger(__name__)
 
-AUDIT_DIR = "audit"
-UNITS_CSV = "units.csv"
-LAYERS_CSV = "layers.csv"
-WEIGHTS_CSV = "weights.csv"
-SUMMARY_JSON = "summary.json"
-FILTERS_PNG = "first_layer_filters.png"
+#: The version of this stage's output format.
+FORMAT = 1
 
 #: A layer with at least this share of dead units gets a bad verdict.
 DEAD_SHARE_WARNING = 0.4
@@ -314,7 +312,6 @@ def first_layer_summary(name: str, filters: np.ndarray) -> dict[str, Any]:
         "white_noise_share": float(high_frequency_mask(*filters.shape[-2:]).mean()),
         "noisy": noisy,
         "verdict": verdict,
-        "image": FILTERS_PNG,
     }
 
 
@@ -334,11 +331,6 @@ def save_histogram(summary: dict[str, Any], nearly_dead_share: float, path: Path
     axes.legend(loc="upper center", fontsize=8)
     figure.tight_layout()
     figure.savefig(path)
-
-
-def histogram_file(layer: str) -> str:
-    """File name of a layer's firing-rate histogram in the audit directory."""
-    return f"firing_rates_{layer}.png"
 
 
 def model_verdict(layers: list[dict[str, Any]], first_layer: dict[str, Any] | None) -> dict[str, Any]:
@@ -370,15 +362,6 @@ def check_settings(nearly_dead_share: float, always_on_share: float, bins: int) 
         raise AuditError(f"audit.histogram_bins={bins} must be a positive number")
 
 
-def is_done(audit_dir: Path, settings: dict[str, Any]) -> bool:
-    """Whether summary.json exists with these settings and every file it lists is there."""
-    path = audit_dir / SUMMARY_JSON
-    if not path.exists():
-        return False
-    summary = read_json(path)
-    return summary["settings"] == settings and all((audit_dir / name).exists() for name in summary["files"])
-
-
 def check(cfg: DictConfig) -> None:
     """Refuse bad audit settings before any stage runs."""
     check_settings(float(cfg.audit.nearly_dead_share), float(cfg.audit.always_on_share),
@@ -387,7 +370,8 @@ def check(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> Path:
     """Audit the units of ``cfg.layers`` and the model's weights; return the audit directory."""
-    run_dir = Path(cfg.out_dir)
+    layout = RunLayout(Path(cfg.out_dir))
+    run_dir = layout.root
     store = open_activations(run_dir)
     layers = audited_layers(store, [str(name) for name in cfg.layers])
     nearly_dead_share = float(cfg.audit.nearly_dead_share)
@@ -395,10 +379,10 @@ def run(cfg: DictConfig) -> Path:
     bins = int(cfg.audit.histogram_bins)
     check_settings(nearly_dead_share, always_on_share, bins)
     settings = {"layers": layers, "nearly_dead_share": nearly_dead_share, "always_on_share": always_on_share,
-                "histogram_bins": bins, "extract_session": store.attrs.get("last_session")}
-    audit_dir = run_dir / AUDIT_DIR
-    if is_done(audit_dir, settings):
-        log.info("audit: %s is complete, skipping", audit_dir)
+                "histogram_bins": bins}
+    inputs = {"settings": settings, "extract": stamp_digest(layout.stamp("extract"), "extract")}
+    audit_dir = layout.audit_dir
+    if is_current(layout.stamp("audit"), inputs, FORMAT, "audit"):
         return audit_dir
     audit_dir.mkdir(parents=True, exist_ok=True)
     loaded = load_model(cfg.model)
@@ -406,29 +390,26 @@ def run(cfg: DictConfig) -> Path:
     if stored_model is not None and stored_model != loaded.description:
         raise AuditError(f"the activations in {run_dir} come from the model {stored_model}, not from the configured "
                          f"{loaded.description}; audit with the model config used for extract")
-    tables, summaries, files = [], [], []
+    start(layout.stamp("audit"))
+    tables, summaries = [], []
     for layer in layers:
         tally = layer_tally(store, layer)
         units = unit_table(layer, tally, nearly_dead_share, always_on_share)
         summary = layer_summary(layer, store.attrs["layers"][layer]["kind"], units, tally, bins)
-        save_histogram(summary, nearly_dead_share, audit_dir / histogram_file(layer))
-        summary["histogram"] = histogram_file(layer)
+        save_histogram(summary, nearly_dead_share, layout.firing_rates_png(layer))
         tables.append(units)
         summaries.append(summary)
-        files.append(histogram_file(layer))
-    pd.concat(tables).to_csv(audit_dir / UNITS_CSV, index=False, float_format="%.17g")
-    pd.DataFrame([{k: v for k, v in s.items() if k not in ("firing_rate_histogram", "histogram")}
-                  for s in summaries]).to_csv(audit_dir / LAYERS_CSV, index=False, float_format="%.17g")
-    weight_table(loaded.module).to_csv(audit_dir / WEIGHTS_CSV, index=False, float_format="%.17g")
-    files += [UNITS_CSV, LAYERS_CSV, WEIGHTS_CSV]
+    pd.concat(tables).to_csv(layout.audit_units_csv, index=False, float_format="%.17g")
+    pd.DataFrame([{k: v for k, v in s.items() if k != "firing_rate_histogram"}
+                  for s in summaries]).to_csv(layout.audit_layers_csv, index=False, float_format="%.17g")
+    weight_table(loaded.module).to_csv(layout.audit_weights_csv, index=False, float_format="%.17g")
     conv = first_conv(loaded.module)
     first_layer = None
     if conv is not None:
-        save_filter_grid(filter_grid(conv[1]), audit_dir / FILTERS_PNG)
+        save_filter_grid(filter_grid(conv[1]), layout.first_layer_filters_png)
         first_layer = first_layer_summary(*conv)
-        files.append(FILTERS_PNG)
     verdict = model_verdict(summaries, first_layer)
-    write_json_atomic(audit_dir / SUMMARY_JSON, {
+    write_json_atomic(layout.audit_json, {
         "settings": settings,
         "thresholds": {"dead_share_warning": DEAD_SHARE_WARNING, "high_frequency_cut": HIGH_FREQUENCY_CUT,
                        "noisy_filter_share": NOISY_FILTER_SHARE, "near_zero_norm": NEAR_ZERO_NORM},
@@ -436,7 +417,7 @@ def run(cfg: DictConfig) -> Path:
         "layers": {s["layer"]: s for s in summaries},
         "first_layer": first_layer,
         "verdict": verdict,
-        "files": files,
     })
+    write_stamp(layout.stamp("audit"), inputs, FORMAT)
     log.info("audit: %s", verdict["text"])
     return audit_dir

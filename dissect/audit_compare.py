@@ -3,7 +3,7 @@
     python -m dissect.audit_compare NAME=RUN_DIR NAME=RUN_DIR ... [--out table.csv]
 
 Each RUN_DIR is a run directory whose audit stage has finished
-(``<RUN_DIR>/audit/summary.json``); the checkpoints are compared in the order
+(``<RUN_DIR>/audit/audit.json``); the checkpoints are compared in the order
 given, so list them in training order. Per layer and checkpoint the table holds
 the number of units, dead and nearly dead units, the dead share, and against
 the previous checkpoint ``died`` (units dead now that were not dead before) and
@@ -21,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from dissect.artifacts import read_json
-from dissect.audit import AUDIT_DIR, DEAD_SHARE_WARNING, SUMMARY_JSON, UNITS_CSV
+from dissect.audit import DEAD_SHARE_WARNING
+from dissect.layout import RunLayout
 from dissect.errors import DissectError
 
 COLUMNS = ["layer", "checkpoint", "units", "dead", "nearly_dead", "dead_share", "died", "came_back"]
@@ -33,11 +34,11 @@ class CompareError(DissectError):
 
 def read_units(run_dir: Path) -> pd.DataFrame:
     """The units.csv of a finished audit; raise naming the directory when there is none."""
-    audit_dir = Path(run_dir) / AUDIT_DIR
-    if not (audit_dir / SUMMARY_JSON).exists():
-        raise CompareError(f"{run_dir} holds no finished audit ({audit_dir / SUMMARY_JSON} is missing); "
+    layout = RunLayout(Path(run_dir))
+    if not layout.stamp("audit").exists():
+        raise CompareError(f"{run_dir} holds no finished audit ({layout.stamp('audit')} is missing); "
                            "run the audit stage there first (stages=[audit])")
-    return pd.read_csv(audit_dir / UNITS_CSV)
+    return pd.read_csv(layout.audit_units_csv)
 
 
 def compare(run_dirs: list[Path], names: list[str]) -> pd.DataFrame:
@@ -84,7 +85,7 @@ def health_remarks(run_dirs: list[Path], names: list[str], table: pd.DataFrame) 
                        f"units are dead, the largest dead share of all checkpoints and layers (warning level "
                        f"{DEAD_SHARE_WARNING:.0%}): a symptom of a learning rate that was too high (dying ReLUs)")
     for name, run_dir in zip(names, run_dirs):
-        first = read_json(Path(run_dir) / AUDIT_DIR / SUMMARY_JSON)["first_layer"]
+        first = read_json(RunLayout(Path(run_dir)).audit_json)["first_layer"]
         if first is not None and first["noisy"]:
             remarks.append(f"{name} has noisy first-layer filters ({first['layer']}: median "
                            f"{first['high_frequency_share_median']:.0%} of their energy at high spatial "

@@ -35,12 +35,12 @@ from data_prep.train_embedded import PREPROCESSING, LabelledImages, accuracy, lo
 from dissect import audit, extract
 from dissect.artifacts import read_json, write_json_atomic
 from dissect.audit_compare import compare, health_remarks
+from dissect.layout import RunLayout
 from dissect.probe import Preprocessing
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: Must match conf/model/default.yaml (mean, std).
 MEAN, STD = PREPROCESSING.mean, PREPROCESSING.std
-TRAINING_JSON = "training.json"
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def train_checkpoint(data: LabelledImages, params: dict, run_dir: Path) -> None:
     held_out = ~data.is_train
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), run_dir / "model.pt")
-    write_json_atomic(run_dir / TRAINING_JSON, {
+    write_json_atomic(RunLayout(run_dir).training_json, {
         "params": params,
         "classes": data.class_names,
         "num_outputs": data.num_outputs,
@@ -110,7 +110,7 @@ def run_demo(settings: DemoSettings) -> tuple[pd.DataFrame, list[str], list[Path
     for lr in settings.lrs:
         run_dir = settings.out / run_name(lr)
         params = training_params(settings, lr)
-        record = run_dir / TRAINING_JSON
+        record = RunLayout(run_dir).training_json
         if not (record.exists() and read_json(record)["params"] == params):
             if run_dir.exists():
                 shutil.rmtree(run_dir)
@@ -132,8 +132,8 @@ def report(table: pd.DataFrame, remarks: list[str], run_dirs: list[Path]) -> str
     """The printed comparison: training results, the side-by-side table, each verdict and the remarks."""
     lines = []
     for run_dir in run_dirs:
-        training = read_json(run_dir / TRAINING_JSON)
-        verdict = read_json(run_dir / audit.AUDIT_DIR / audit.SUMMARY_JSON)["verdict"]["text"]
+        training = read_json(RunLayout(run_dir).training_json)
+        verdict = read_json(RunLayout(run_dir).audit_json)["verdict"]["text"]
         lines.append(f"{run_dir.name}: held-out accuracy {training['held_out_accuracy']:.3f}, final training loss "
                      f"{training['epoch_losses'][-1]:.3f}\n  verdict: {verdict}")
     side_by_side = table.pivot(index="layer", columns="checkpoint", values="dead_share")

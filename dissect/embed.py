@@ -25,7 +25,7 @@ the stage:
   zero included; r = 0), or fewer than MIN_IMAGES images have finite features,
   a warning gives the reason, and no PCA, layout, neighbour or picture is made
   (stale ones are removed): the stage writes only ``coords.parquet``, with NaN
-  coordinates, and ``summary.json``.
+  coordinates, ``embed.json`` and the stamp.
 
 Outputs, in ``<out_dir>/embed/``:
 
@@ -43,13 +43,14 @@ Outputs, in ``<out_dir>/embed/``:
   neighbour_image_id, distance): for ``queries`` seeded query images, their
   ``neighbours`` nearest images in the original D-dimensional features
   (Euclidean, not PCA).
-- ``summary.json``, written last: the settings, N, D, the images left out
+- ``embed.json``: the settings, N, D, the images left out
   (invalid, and ``non_finite_images_left_out``), ``informative_dimensions``
   (r), the seconds of each step; then either ``no_information`` (the reason, a
   sentence) or the values used after clipping, PCA explained variance and the
   trustworthiness of each layout (PCA features vs 2-D coordinates on a seeded
-  sample of at most ``trustworthiness_sample`` images). A run whose summary
-  holds the same settings (and whose other outputs are there) is skipped.
+  sample of at most ``trustworthiness_sample`` images).
+- the stage's stamp, written last (inputs: the settings, the probe set and
+  the extract stage's stamp).
 """
 
 import logging
@@ -74,21 +75,18 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE, trustworthiness
 from tqdm import tqdm
 
-from dissect.artifacts import open_activations, read_json, write_json_atomic
+from dissect.artifacts import open_activations, write_json_atomic
 from dissect.broden import BrodenDataset, BrodenFormatError
 from dissect.errors import DissectError
+from dissect.layout import EMBED_METHODS, RunLayout
 from dissect.probe import open_probe_set
+from dissect.stamps import is_current, stamp_digest, start, write_stamp
 
 log = logging.getLogger(__name__)
 
-EMBED_DIR = "embed"
-COORDS = "coords.parquet"
-NEIGHBOURS_CSV = "neighbours.csv"
-SUMMARY = "summary.json"
-METHODS = ("tsne", "umap")
+#: The version of this stage's output format.
+FORMAT = 1
 METHOD_TITLES = {"tsne": "t-SNE", "umap": "UMAP"}
-PICTURES = tuple(f"{kind}_{method}.png" for kind in ("scatter", "thumbnails") for method in METHODS) + (
-    "neighbours.png",)
 MIN_IMAGES = 4
 MAX_LABELS = 19  # labels with their own colour; the rest are drawn as 'other' (20 colours in all)
 THUMBNAIL_PX = 48  # side of one cell of the thumbnail maps
@@ -146,16 +144,14 @@ class EmbedSettings:
 
 def run(cfg: DictConfig) -> Path:
     """Project ``embed.layer`` for every valid probe image and draw the maps; return ``<out_dir>/embed``."""
-    run_dir = Path(cfg.out_dir)
+    layout = RunLayout(Path(cfg.out_dir))
     settings = EmbedSettings.from_config(cfg.embed)
-    out = run_dir / EMBED_DIR
-    summary_path = out / SUMMARY
-    if is_complete(out, settings):
-        log.info("embed: %s is complete for these settings, skipping", out)
+    out = layout.embed_dir
+    inputs = {"settings": asdict(settings), "probe_set": str(cfg.dataset.root),
+              "extract": stamp_digest(layout.stamp("extract"), "extract")}
+    if is_current(layout.stamp("embed"), inputs, FORMAT, "embed"):
         return out
-    store = open_activations(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary_path.unlink(missing_ok=True)  # outputs are rewritten; the summary marks them complete again
+    store = open_activations(layout.root)
     seconds: dict[str, float] = {}
     with timed("read features", seconds):
         features, rows = read_features(store, settings.layer)
@@ -163,6 +159,8 @@ def run(cfg: DictConfig) -> Path:
     if n_valid < MIN_IMAGES or n_features < 2:
         raise EmbedError(f"embed needs at least {MIN_IMAGES} valid images and 2 features; layer "
                          f"{settings.layer!r} has {n_valid} valid images and {n_features} features")
+    start(layout.stamp("embed"))
+    out.mkdir(parents=True, exist_ok=True)
     features, rows = finite_rows(features, rows, settings.layer)
     n_images = len(features)
     image_ids = [str(i) for i in store["image_ids"][:][rows]]
@@ -181,8 +179,9 @@ def run(cfg: DictConfig) -> Path:
     reason = no_information(features, n_valid, settings.layer)
     if reason is not None:
         log.warning("embed: %s", reason)
-        write_no_information(out, image_ids, labels)
-        write_summary(summary_path, facts | {"informative_dimensions": 0, "no_information": reason}, seconds)
+        write_no_information(layout, image_ids, labels)
+        write_summary(layout.embed_json, facts | {"informative_dimensions": 0, "no_information": reason}, seconds)
+        write_stamp(layout.stamp("embed"), inputs, FORMAT)
         return out
     used = used_settings(settings, n_images, n_features)
     with timed("pca", seconds):
@@ -205,11 +204,11 @@ def run(cfg: DictConfig) -> Path:
         queries = choose_queries(n_images, used["queries"], settings.seed)
         neighbours, distances = nearest_neighbours(features, queries, used["neighbours"])
     del features, reduced
-    write_coords(out / COORDS, image_ids, labels, layouts)
-    write_neighbours(out / NEIGHBOURS_CSV, image_ids, queries, neighbours, distances)
+    write_coords(layout.embed_coords, image_ids, labels, layouts)
+    write_neighbours(layout.embed_neighbours_csv, image_ids, queries, neighbours, distances)
     with timed("pictures", seconds):
-        draw_pictures(out, paths, image_ids, labels, layouts, queries, neighbours, distances, settings)
-    write_summary(summary_path, facts | {
+        draw_pictures(layout, paths, image_ids, labels, layouts, queries, neighbours, distances, settings)
+    write_summary(layout.embed_json, facts | {
         "used": used,
         "informative_dimensions": informative,
         "pca": {"components": informative, "explained_variance_ratio": explained.tolist(),
@@ -220,24 +219,10 @@ def run(cfg: DictConfig) -> Path:
                             f"(seed {settings.seed}), {used['trustworthiness_neighbors']} neighbours")},
         "neighbours_space": f"original layer features ({n_features}-d), Euclidean",
     }, seconds)
+    write_stamp(layout.stamp("embed"), inputs, FORMAT)
     log.info("embed: wrote %s (%d images, %d features; trustworthiness t-SNE %.3f, UMAP %.3f)",
              out, n_images, n_features, trust["tsne"], trust["umap"])
     return out
-
-
-def is_complete(out: Path, settings: EmbedSettings) -> bool:
-    """Whether ``out`` holds a summary made with these settings and every output it implies.
-
-    A layer without information has only coords.parquet besides the summary.
-    """
-    summary_path = out / SUMMARY
-    if not summary_path.is_file():
-        return False
-    summary = read_json(summary_path)
-    if summary["settings"] != asdict(settings):
-        return False
-    names = (COORDS,) if "no_information" in summary else (COORDS, NEIGHBOURS_CSV, *PICTURES)
-    return all((out / name).is_file() for name in names)
 
 
 @contextmanager
@@ -427,16 +412,22 @@ def broden_label(broden: BrodenDataset, i: int) -> tuple[int, bool]:
     return (textures[0] if textures else 0), readable
 
 
-def write_no_information(out: Path, image_ids: list[str], labels: list[str]) -> None:
+def pictures(layout: RunLayout) -> list[Path]:
+    """Every picture of the stage: the scatter plots and thumbnail maps of each method, neighbours.png."""
+    return [layout.embed_picture(kind, method) for kind in ("scatter", "thumbnails") for method in EMBED_METHODS] + [
+        layout.embed_neighbours_png]
+
+
+def write_no_information(layout: RunLayout, image_ids: list[str], labels: list[str]) -> None:
     """coords.parquet with NaN coordinates for a layer without information; remove stale neighbours and pictures."""
     nowhere = np.full((len(image_ids), 2), np.nan, np.float32)
-    write_coords(out / COORDS, image_ids, labels, {method: nowhere for method in METHODS})
-    for name in (NEIGHBOURS_CSV, *PICTURES):
-        (out / name).unlink(missing_ok=True)
+    write_coords(layout.embed_coords, image_ids, labels, {method: nowhere for method in EMBED_METHODS})
+    for path in (layout.embed_neighbours_csv, *pictures(layout)):
+        path.unlink(missing_ok=True)
 
 
 def write_summary(path: Path, summary: dict[str, Any], seconds: dict[str, float]) -> None:
-    """summary.json (the completion marker, so written last): summary, the seconds of each step, library versions."""
+    """embed.json: ``summary``, the seconds of each step, library versions."""
     write_json_atomic(path, summary | {
         "seconds": {step: round(value, 3) for step, value in seconds.items()},
         "versions": {name: version(name) for name in ("scikit-learn", "umap-learn", "numpy")},
@@ -495,20 +486,21 @@ def load_thumbnail(path: Path, size: int) -> np.ndarray:
         return np.full((size, size, 3), 128, np.uint8)
 
 
-def draw_pictures(out: Path, paths: list[Path], image_ids: list[str], labels: list[str],
+def draw_pictures(layout: RunLayout, paths: list[Path], image_ids: list[str], labels: list[str],
                   layouts: dict[str, np.ndarray], queries: np.ndarray, neighbours: np.ndarray,
                   distances: np.ndarray, settings: EmbedSettings) -> None:
     """Write the scatter plots, the thumbnail maps and neighbours.png."""
     for method, coords in layouts.items():
         title = f"{METHOD_TITLES[method]} of {settings.layer}"
-        save_scatter(out / f"scatter_{method}.png", coords, labels, title)
+        save_scatter(layout.embed_picture("scatter", method), coords, labels, title)
         points, cells = grid_cells(coords, settings.thumbnail_grid, settings.seed)
         thumbnails = [load_thumbnail(paths[p], THUMBNAIL_PX)
                       for p in tqdm(points, desc=f"embed: {method} thumbnails", unit="img")]
         mosaic = thumbnail_mosaic(thumbnails, cells, settings.thumbnail_grid, THUMBNAIL_PX)
         grid = settings.thumbnail_grid
-        save_mosaic(out / f"thumbnails_{method}.png", mosaic, f"{title}: {len(points)} images on a {grid}x{grid} grid")
-    save_neighbours(out / "neighbours.png", paths, image_ids, queries, neighbours, distances)
+        save_mosaic(layout.embed_picture("thumbnails", method), mosaic,
+                    f"{title}: {len(points)} images on a {grid}x{grid} grid")
+    save_neighbours(layout.embed_neighbours_png, paths, image_ids, queries, neighbours, distances)
 
 
 def thumbnail_mosaic(thumbnails: list[np.ndarray], cells: np.ndarray, grid: int, size: int) -> np.ndarray:

@@ -8,10 +8,14 @@ Output, in the run directory (see README "Zarr layout"):
   map), or, for a vector layer, ``activations`` (N, D) float16. Arrays are
   chunked along the image axis only; the chunk length is a multiple of the batch
   size. Attributes describe the model, layers, preprocessing and probe set.
-- ``extract_progress.json``: which chunks of which arrays are on disk, and the
+- ``extract/progress.json``: which chunks of which arrays are on disk, and the
   images that could not be read so far. It is what makes a killed run resume.
-- ``skipped_images.csv``: ``index,image_id,error`` of every unreadable image
-  (its rows in the arrays are zeros and ``valid`` is False).
+- ``extract/skipped_images.csv``: ``index,image_id,error`` of every unreadable
+  image (its rows in the arrays are zeros and ``valid`` is False).
+- ``extract/stamp.json`` (``dissect.stamps``), written last: the fingerprint
+  below. Unlike the other stages, extract never replaces activations made from
+  another model, layer list, preprocessing or probe set: they are expensive,
+  so it names what differs and stops.
 
 Every chunk is written whole, after which it is marked done; a run killed at any
 moment recomputes only chunks not marked done, with the same batches, so the
@@ -37,15 +41,19 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 from zarr.codecs import BloscCodec
 
-from dissect.artifacts import ACTIVATIONS, EXTRACT_PROGRESS, SKIPPED_IMAGES, read_json, write_json_atomic
+from dissect.artifacts import read_json, write_json_atomic
 from dissect.devices import pick_device
 from dissect.errors import DissectError
 from dissect.layers import LayerRecorder, get_layer, layer_kind
+from dissect.layout import RunLayout
 from dissect.models import LoadedModel, load_model
 from dissect.probe import Preprocessing, ProbeImages, ProbeSet, open_probe_set
+from dissect.stamps import write_stamp
 
 log = logging.getLogger(__name__)
 
+#: The version of the extract stage's output format (a change makes old run directories foreign).
+FORMAT = 1
 MAX_PENDING_WRITES = 4
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
@@ -109,7 +117,7 @@ class ChunkStream:
 
 
 class ExtractProgress:
-    """The state in ``extract_progress.json``; mutated only by the writer thread."""
+    """The state in ``extract/progress.json``; mutated only by the writer thread."""
 
     def __init__(self, path: Path, fingerprint: dict[str, Any]) -> None:
         self.path = path
@@ -153,8 +161,7 @@ def check(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> Path:
     """Run the extract stage for ``cfg`` and return the path of the Zarr store."""
     check(cfg)
-    run_dir = Path(cfg.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    layout = RunLayout(Path(cfg.out_dir))
     probe = open_probe_set(cfg.dataset)
     loaded = load_model(cfg.model)
     device = pick_device(str(cfg.extract.device), "extract.device")
@@ -174,11 +181,15 @@ def run(cfg: DictConfig) -> Path:
         "checkpoint_sha": _file_digest(loaded.description.get("checkpoint")),
         "batch_size": batch_size,
         "chunk_mib": float(cfg.extract.chunk_mib),
+        "format": FORMAT,
     }
-    progress = ExtractProgress(run_dir / EXTRACT_PROGRESS, fingerprint)
-    store_path = run_dir / ACTIVATIONS
+    layout.extract_progress.parent.mkdir(parents=True, exist_ok=True)
+    progress = ExtractProgress(layout.extract_progress, fingerprint)
+    store_path = layout.activations
     if progress.complete:
         log.info("extract: %s is complete, skipping", store_path)
+        if not layout.stamp("extract").is_file():  # killed between the last two writes
+            write_stamp(layout.stamp("extract"), fingerprint, FORMAT)
         return store_path
     streams = open_streams(store_path, probe, specs, batch_size, float(cfg.extract.chunk_mib), progress)
     _set_store_attributes(store_path, loaded, specs, preprocessing, probe, cfg)
@@ -188,8 +199,9 @@ def run(cfg: DictConfig) -> Path:
     started = time.perf_counter()
     stream_images(module, probe, preprocessing, specs, streams, progress, start, batch_size, cfg, device)
     seconds = time.perf_counter() - started
-    finish_store(store_path, probe, progress, {"images": len(probe) - start, "seconds": round(seconds, 3),
-                                               "device": str(device)})
+    finish_store(layout, probe, progress, {"images": len(probe) - start, "seconds": round(seconds, 3),
+                                           "device": str(device)})
+    write_stamp(layout.stamp("extract"), fingerprint, FORMAT)
     return store_path
 
 
@@ -336,19 +348,20 @@ def _bound_pending(pending: list[Future]) -> list[Future]:
     return unfinished
 
 
-def finish_store(store_path: Path, probe: ProbeSet, progress: ExtractProgress, session: dict[str, Any]) -> None:
+def finish_store(layout: RunLayout, probe: ProbeSet, progress: ExtractProgress, session: dict[str, Any]) -> None:
     """Write the valid mask and the skipped-images list, mark the store and the progress complete.
 
     ``session`` (images streamed, seconds, device) of the run that finished the
     store goes into its attributes as ``last_session``.
     """
+    store_path = layout.activations
     root = zarr.open_group(store_path, mode="a")
     valid = np.ones(len(probe), dtype=bool)
     valid[list(progress.failures)] = False
     if "valid" not in root:
         root.create_array("valid", shape=valid.shape, dtype=bool, chunks=valid.shape, dimension_names=["image"])
     root["valid"][:] = valid
-    skipped_path = store_path.parent / SKIPPED_IMAGES
+    skipped_path = layout.skipped_images
     with open(skipped_path, "w", newline="", encoding="utf-8") as handle:
         table = csv.writer(handle)
         table.writerow(["index", "image_id", "error"])

@@ -28,65 +28,27 @@ OUT_OF_PLACE = frozenset({F.relu, torch.relu, torch.Tensor.relu})
 IN_PLACE = frozenset({torch.relu_, torch.Tensor.relu_})
 
 
-class _GuidedReLU(torch.autograd.Function):
-    """ReLU forward; guided-backpropagation backward."""
+class _RuleReLU(torch.autograd.Function):
+    """ReLU forward (in place when asked); the backward pass of ``rule`` (one of ``RULES``)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        output = x.clamp(min=0)
+    def forward(ctx: Any, x: torch.Tensor, rule: str, in_place: bool) -> torch.Tensor:
+        if in_place:
+            output = x.clamp_(min=0)
+            ctx.mark_dirty(x)
+        else:
+            output = x.clamp(min=0)
+        ctx.rule = rule
         ctx.save_for_backward(output)
         return output
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
-        (output,) = ctx.saved_tensors
-        return grad_output.clamp(min=0) * (output > 0)
-
-
-class _DeconvReLU(torch.autograd.Function):
-    """ReLU forward; deconvnet backward (the ReLU is applied to the signal going back)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp(min=0)
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
-        return grad_output.clamp(min=0)
-
-
-class _GuidedReLUInPlace(torch.autograd.Function):
-    """In-place ReLU forward (``x.relu_()``); guided-backpropagation backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        x.clamp_(min=0)
-        ctx.mark_dirty(x)
-        ctx.save_for_backward(x)
-        return x
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
-        (output,) = ctx.saved_tensors
-        return grad_output.clamp(min=0) * (output > 0)
-
-
-class _DeconvReLUInPlace(torch.autograd.Function):
-    """In-place ReLU forward; deconvnet backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        x.clamp_(min=0)
-        ctx.mark_dirty(x)
-        return x
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
-        return grad_output.clamp(min=0)
-
-
-_FUNCTIONS = {("guided_backprop", False): _GuidedReLU, ("deconvolution", False): _DeconvReLU,
-              ("guided_backprop", True): _GuidedReLUInPlace, ("deconvolution", True): _DeconvReLUInPlace}
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        grad = grad_output.clamp(min=0)
+        if ctx.rule == "guided_backprop":  # deconvnet ignores the forward mask
+            (output,) = ctx.saved_tensors
+            grad = grad * (output > 0)
+        return grad, None, None
 
 
 class GuidedReLUs(TorchFunctionMode):
@@ -107,7 +69,7 @@ class GuidedReLUs(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in OUT_OF_PLACE or func in IN_PLACE:
             in_place = func in IN_PLACE or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
-            return _FUNCTIONS[self.rule, in_place].apply(args[0])
+            return _RuleReLU.apply(args[0], self.rule, in_place)
         return func(*args, **kwargs)
 
 

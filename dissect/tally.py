@@ -14,14 +14,16 @@ probe set it accumulates
 and IoU[u, c] = intersection / (activation[u, primary category of c] + truth -
 intersection). Label 0 (unlabelled) is ignored. Work runs on dask.distributed
 over blocks of images; the partial tally of each finished block is kept in
-``tally_parts/``, so a killed tally resumes.
+``tally/parts/``, so a killed tally resumes, and a change of
+``tally.iou_threshold`` alone rewrites the results from the kept blocks.
 
-Outputs, per map layer in ``<out_dir>/<layer>/``: ``tally.csv`` (one row per
+Outputs, per map layer in ``layers/<layer>/``: ``tally.csv`` (one row per
 unit: unit, category, label, iou, then ``<category>-label`` and
 ``<category>-iou`` for each category), ``iou.npy`` (U, L) float32 with the
-columns described by ``concepts.csv`` (column, number, name, category) and
-``summary.json``. Images whose masks could not be read are listed in
-``<out_dir>/skipped_masks.csv``.
+columns described by ``concepts.csv`` (column, number, name, category),
+``tally.json`` (the summary) and the layer's stamp (inputs: the layer's
+thresholds stamp, the probe set, ``iou_threshold`` and ``strict``). Images
+whose masks could not be read are listed in ``tally/skipped_masks.csv``.
 """
 
 import logging
@@ -37,21 +39,18 @@ from distributed import as_completed
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from dissect.artifacts import ACTIVATIONS, open_activations, read_json, write_json_atomic
+from dissect.artifacts import map_layers, open_activations, read_json, read_thresholds, write_json_atomic
 from dissect.broden import CATEGORIES, IMAGE_CATEGORIES, PIXEL_CATEGORIES, BrodenDataset, BrodenFormatError
 from dissect.cluster import dask_client
 from dissect.errors import DissectError
-from dissect.thresholds import map_layers, read_thresholds
+from dissect.layout import RunLayout
+from dissect.stamps import is_current, stamp_digest, start, write_stamp
 from dissect.upsample import fired_masks, float32_below
 
 log = logging.getLogger(__name__)
 
-PARTS_DIR = "tally_parts"
-TALLY_CSV = "tally.csv"
-IOU_NPY = "iou.npy"
-CONCEPTS_CSV = "concepts.csv"
-SUMMARY_JSON = "summary.json"
-SKIPPED_MASKS = "skipped_masks.csv"
+#: The version of this stage's output format.
+FORMAT = 1
 
 
 class TallyError(DissectError):
@@ -152,7 +151,8 @@ def check(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> Path:
     """Tally every map layer of ``cfg.layers`` against the probe set's concepts; resume from kept block tallies."""
-    run_dir = Path(cfg.out_dir)
+    layout = RunLayout(Path(cfg.out_dir))
+    run_dir = layout.root
     store = open_activations(run_dir)
     if cfg.dataset.kind != "broden":
         raise TallyError(f"the tally needs concept masks: dataset.kind={cfg.dataset.kind!r} has none; "
@@ -164,34 +164,42 @@ def run(cfg: DictConfig) -> Path:
     if not layers:
         log.info("tally: no map layer among %s, nothing to tally", list(cfg.layers))
         return run_dir
-    thresholds = {layer: _thresholds_of(run_dir, layer) for layer in layers}
-    totals, skipped = tally_all(cfg, run_dir, broden, layers, thresholds)
+    inputs = {layer: layer_inputs(cfg, layout, broden, layer) for layer in layers}
+    todo = [layer for layer in layers
+            if not is_current(layout.stamp("tally", layer), inputs[layer], FORMAT, f"tally of {layer}")]
+    if not todo:
+        return run_dir
+    thresholds = {layer: read_thresholds(layout, layer) for layer in todo}
+    totals, skipped = tally_all(cfg, layout, broden, todo, thresholds)
     label_categories = np.array([-1] + [CATEGORIES.index(broden.category_of(n))
                                         for n in range(1, len(broden.labels) + 1)])
-    write_skipped(run_dir / SKIPPED_MASKS, skipped, broden)
-    for layer in layers:
+    write_skipped(layout.skipped_masks, skipped, broden)
+    for layer in todo:
+        start(layout.stamp("tally", layer))
         iou = iou_matrix(totals[f"intersection/{layer}"], totals[f"activation/{layer}"], totals["truth"],
                          label_categories)
-        write_layer_results(run_dir / layer, iou, broden, label_categories, float(cfg.tally.iou_threshold), {
-            "quantile": read_json(run_dir / layer / "thresholds.json")["quantile"],
+        write_layer_results(layout, layer, iou, broden, label_categories, float(cfg.tally.iou_threshold), {
+            "quantile": read_json(layout.thresholds_json(layer))["quantile"],
             "images_tallied": int(store["valid"][:].sum()) - len(skipped),
             "images_skipped": len(skipped),
         })
+        write_stamp(layout.stamp("tally", layer), inputs[layer], FORMAT)
     return run_dir
 
 
-def _thresholds_of(run_dir: Path, layer: str) -> np.ndarray:
-    if not (run_dir / layer / "thresholds.json").exists():
-        raise TallyError(f"no thresholds for layer {layer!r} in {run_dir}; run the thresholds stage first")
-    return read_thresholds(run_dir / layer)
+def layer_inputs(cfg: DictConfig, layout: RunLayout, broden: BrodenDataset, layer: str) -> dict[str, Any]:
+    """What a layer's tally depends on (the block size changes nothing)."""
+    return {"thresholds": stamp_digest(layout.stamp("thresholds", layer), "thresholds"),
+            "probe_set": str(broden.root), "labels": len(broden.labels),
+            "iou_threshold": float(cfg.tally.iou_threshold), "strict": bool(cfg.tally.strict)}
 
 
-def tally_all(cfg: DictConfig, run_dir: Path, broden: BrodenDataset, layers: list[str],
+def tally_all(cfg: DictConfig, layout: RunLayout, broden: BrodenDataset, layers: list[str],
               thresholds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[tuple[int, str]]]:
-    """Tally the blocks not yet kept in tally_parts/, then sum every block's tally."""
+    """Tally the blocks not yet kept in tally/parts/, then sum every block's tally."""
     n_images = len(broden)
     block_images = int(cfg.tally.block_images)
-    parts = run_dir / PARTS_DIR
+    parts = layout.tally_parts
     fingerprint = {"layers": layers, "block_images": block_images, "strict": bool(cfg.tally.strict),
                    "thresholds": {layer: thresholds[layer].tolist() for layer in layers},
                    "labels": len(broden.labels)}
@@ -203,7 +211,7 @@ def tally_all(cfg: DictConfig, run_dir: Path, broden: BrodenDataset, layers: lis
     starts = list(range(0, n_images, block_images))
     todo = [s for s in starts if not _part_path(parts, s).exists()]
     if todo:
-        store_path = str(run_dir / ACTIVATIONS)
+        store_path = str(layout.activations)
         with dask_client(cfg.cluster) as client:
             thresholds_future = client.scatter(thresholds, broadcast=True)
             block_of = {client.submit(tally_block, store_path, str(broden.root), layers, thresholds_future, s,
@@ -262,10 +270,10 @@ def write_skipped(path: Path, skipped: list[tuple[int, str]], broden: BrodenData
         log.warning("tally: %d images were skipped for unreadable masks; see %s", len(skipped), path)
 
 
-def write_layer_results(layer_dir: Path, iou: np.ndarray, broden: BrodenDataset, label_categories: np.ndarray,
-                        iou_threshold: float, extra: dict[str, Any]) -> None:
-    """tally.csv, iou.npy, concepts.csv and summary.json of one layer from its (U, L) IoU matrix."""
-    layer_dir.mkdir(parents=True, exist_ok=True)
+def write_layer_results(layout: RunLayout, layer: str, iou: np.ndarray, broden: BrodenDataset,
+                        label_categories: np.ndarray, iou_threshold: float, extra: dict[str, Any]) -> None:
+    """tally.csv, iou.npy, concepts.csv and tally.json of one layer from its (U, L) IoU matrix."""
+    layout.layer_dir(layer).mkdir(parents=True, exist_ok=True)
     names = np.array(broden.label_names[1:len(broden.labels) + 1], dtype=object)
     categories = label_categories[1:]
     best = iou.argmax(axis=1)  # ties go to the lowest label number
@@ -282,13 +290,13 @@ def write_layer_results(layer_dir: Path, iou: np.ndarray, broden: BrodenDataset,
         else:
             table[f"{category}-label"] = ""
             table[f"{category}-iou"] = 0.0
-    table.to_csv(layer_dir / TALLY_CSV, index=False, float_format="%.6f")
-    np.save(layer_dir / IOU_NPY, iou.astype(np.float32))
+    table.to_csv(layout.tally_csv(layer), index=False, float_format="%.6f")
+    np.save(layout.iou_npy(layer), iou.astype(np.float32))
     pd.DataFrame({"column": np.arange(len(names)), "number": np.arange(1, len(names) + 1), "name": names,
-                  "category": [CATEGORIES[k] for k in categories]}).to_csv(layer_dir / CONCEPTS_CSV, index=False)
+                  "category": [CATEGORIES[k] for k in categories]}).to_csv(layout.concepts_csv(layer), index=False)
     detectors = table[table["iou"] > iou_threshold]
-    write_json_atomic(layer_dir / SUMMARY_JSON, {
-        "layer": layer_dir.name,
+    write_json_atomic(layout.tally_json(layer), {
+        "layer": layer,
         "units": len(table),
         "detectors": len(detectors),
         "unique_detectors": int(detectors["label"].nunique()),
@@ -303,8 +311,9 @@ def write_layer_results(layer_dir: Path, iou: np.ndarray, broden: BrodenDataset,
 def summary_table(run_dir: Path, layers: list[str]) -> str:
     """Plain-text table of units, detectors and unique detectors per category for each tallied layer."""
     lines = []
+    layout = RunLayout(Path(run_dir))
     for layer in layers:
-        path = Path(run_dir) / layer / SUMMARY_JSON
+        path = layout.tally_json(layer)
         if not path.exists():
             continue
         summary = read_json(path)

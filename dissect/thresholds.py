@@ -9,8 +9,9 @@ values per unit, where m is the number of order statistics above the
 interpolation point, and the blocks are merged keeping the top m, so memory is
 O(units * m) and no layer is ever loaded whole.
 
-Output: ``<out_dir>/<layer>/thresholds.csv`` with columns ``unit, threshold``
-and ``<out_dir>/<layer>/thresholds.json`` with the quantile and the counts.
+Output: ``layers/<layer>/thresholds.csv`` with columns ``unit, threshold``,
+``layers/<layer>/thresholds.json`` with the quantile and the counts, then the
+layer's stamp (inputs: the quantile and the extract stage's stamp).
 """
 
 import logging
@@ -24,14 +25,16 @@ from distributed import Client, as_completed
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from dissect.artifacts import open_activations, read_json, write_json_atomic
+from dissect.artifacts import map_layers, open_activations, write_json_atomic
 from dissect.cluster import dask_client
 from dissect.errors import DissectError
+from dissect.layout import RunLayout
+from dissect.stamps import is_current, stamp_digest, start, write_stamp
 
 log = logging.getLogger(__name__)
 
-THRESHOLDS_CSV = "thresholds.csv"
-THRESHOLDS_JSON = "thresholds.json"
+#: The version of this stage's output format.
+FORMAT = 1
 
 
 class ThresholdsError(DissectError):
@@ -90,13 +93,6 @@ def layer_thresholds(client: Client, store_path: Path, layer: str, quantile: flo
     return interpolate_threshold(merged, lo, frac, n_values)
 
 
-def map_layers(store: zarr.Group, requested: list[str]) -> list[str]:
-    """The requested layers that the store holds as maps (vector layers cannot be dissected against masks)."""
-    missing = [name for name in requested if name not in store.attrs["layers"]]
-    if missing:
-        raise ThresholdsError(f"layers {missing} were not extracted; the store holds {store.attrs['layer_order']}")
-    return [name for name in requested if store.attrs["layers"][name]["kind"] == "map"]
-
 
 def check(cfg: DictConfig) -> None:
     """Refuse bad thresholds settings before any stage runs."""
@@ -110,37 +106,38 @@ def check(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> Path:
     """Compute thresholds for every map layer of ``cfg.layers``; skip layers already done at this quantile."""
     check(cfg)
-    run_dir = Path(cfg.out_dir)
-    store = open_activations(run_dir)
+    layout = RunLayout(Path(cfg.out_dir))
+    store = open_activations(layout.root)
     quantile = float(cfg.thresholds.quantile)
-    todo = []
+    todo = {}
     for layer in map_layers(store, [str(name) for name in cfg.layers]):
-        meta = run_dir / layer / THRESHOLDS_JSON
-        if meta.exists() and read_json(meta)["quantile"] == quantile:
-            log.info("thresholds: %s done, skipping", layer)
-        else:
-            todo.append(layer)
+        inputs = layer_inputs(layout, quantile)
+        if not is_current(layout.stamp("thresholds", layer), inputs, FORMAT, f"thresholds of {layer}"):
+            todo[layer] = inputs
     if todo:
         with dask_client(cfg.cluster) as client:
-            for layer in todo:
-                thresholds = layer_thresholds(client, run_dir / "activations.zarr", layer, quantile,
+            for layer, inputs in todo.items():
+                thresholds = layer_thresholds(client, layout.activations, layer, quantile,
                                               int(cfg.thresholds.block_images))
-                write_thresholds(run_dir / layer, thresholds, quantile, store)
-    return run_dir
+                start(layout.stamp("thresholds", layer))
+                write_thresholds(layout, layer, thresholds, quantile, store)
+                write_stamp(layout.stamp("thresholds", layer), inputs, FORMAT)
+    return layout.root
 
 
-def write_thresholds(layer_dir: Path, thresholds: np.ndarray, quantile: float, store: zarr.Group) -> None:
-    """Write thresholds.csv, then thresholds.json (whose presence marks the layer done)."""
-    layer_dir.mkdir(parents=True, exist_ok=True)
+def layer_inputs(layout: RunLayout, quantile: float) -> dict[str, object]:
+    """What a layer's thresholds depend on (the block size changes nothing: the quantile is exact)."""
+    return {"quantile": quantile, "extract": stamp_digest(layout.stamp("extract"), "extract")}
+
+
+def write_thresholds(layout: RunLayout, layer: str, thresholds: np.ndarray, quantile: float,
+                     store: zarr.Group) -> None:
+    """Write thresholds.csv and thresholds.json of ``layer`` ((U,) thresholds)."""
+    layout.layer_dir(layer).mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame({"unit": np.arange(len(thresholds)), "threshold": thresholds})
-    table.to_csv(layer_dir / THRESHOLDS_CSV, index=False, float_format="%.17g")
-    write_json_atomic(layer_dir / THRESHOLDS_JSON, {
+    table.to_csv(layout.thresholds_csv(layer), index=False, float_format="%.17g")
+    write_json_atomic(layout.thresholds_json(layer), {
         "quantile": quantile,
         "method": "exact: numpy.quantile(values, 1 - quantile), linear interpolation",
         "valid_images": int(store["valid"][:].sum()),
     })
-
-
-def read_thresholds(layer_dir: Path) -> np.ndarray:
-    """(U,) thresholds written by this stage; float64, exactly as computed (17 significant digits)."""
-    return pd.read_csv(layer_dir / THRESHOLDS_CSV)["threshold"].to_numpy(np.float64)

@@ -9,12 +9,12 @@ pass of the model), ties broken by the lower image index. For each of them:
 - a crop of the unit's receptive field around its arg-max position
   (``dissect.receptive_field``: layer geometry, or a gradient-based measure).
 
-Outputs in ``<out_dir>/<layer>/``: ``strips/unit_<u>.jpg`` (top row: highlighted
+Outputs in ``layers/<layer>/``: ``strips/unit_<u>.jpg`` (top row: highlighted
 images, bottom row: receptive-field crops, best first), ``topk.csv`` (unit, rank,
 image_index, image_id, max_activation, y, x of the arg-max in map cells, and the
-crop box rf_top, rf_left, rf_bottom, rf_right in image pixels) and
-``receptive_field.json``. ``topk.csv`` is written last: its presence marks a
-layer done.
+crop box rf_top, rf_left, rf_bottom, rf_right in image pixels),
+``receptive_field.json`` and, last, the layer's stamp (inputs: ``topk.k``, the
+layer's thresholds stamp, the probe set).
 """
 
 import logging
@@ -28,19 +28,20 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
-from dissect.artifacts import ACTIVATIONS, open_activations, write_json_atomic
+from dissect.artifacts import map_layers, open_activations, read_thresholds, write_json_atomic
 from dissect.errors import DissectError
 from dissect.layers import get_layer
+from dissect.layout import RunLayout
 from dissect.models import load_model
 from dissect.probe import open_probe_set
 from dissect.receptive_field import ReceptiveField, receptive_field
-from dissect.thresholds import map_layers, read_thresholds
+from dissect.stamps import is_current, stamp_digest, start, write_stamp
 from dissect.upsample import float32_below, upsample
 
 log = logging.getLogger(__name__)
 
-TOPK_CSV = "topk.csv"
-STRIPS_DIR = "strips"
+#: The version of this stage's output format.
+FORMAT = 1
 TILE = 112
 GAP = 2
 DARKEN = 0.25
@@ -58,11 +59,6 @@ def top_images(maxima: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
     scores = np.where(valid[:, None], maxima.astype(np.float64), -np.inf)
     order = np.argsort(-scores, axis=0, kind="stable")
     return order[: min(k, int(valid.sum()))]
-
-
-def unit_strip_path(layer_dir: Path, unit: int) -> Path:
-    """Where the strip of one unit is written (the report links it)."""
-    return layer_dir / STRIPS_DIR / f"unit_{unit:05d}.jpg"
 
 
 def highlight(image: np.ndarray, unit_map: np.ndarray, threshold: np.ndarray) -> np.ndarray:
@@ -107,32 +103,36 @@ def check(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> Path:
     """Collect top-k images and strips for every map layer of ``cfg.layers`` not done yet."""
     check(cfg)
-    run_dir = Path(cfg.out_dir)
-    store = open_activations(run_dir)
+    layout = RunLayout(Path(cfg.out_dir))
+    store = open_activations(layout.root)
     probe = open_probe_set(cfg.dataset)
     if list(store["image_ids"][:]) != probe.image_ids:
-        raise TopkError(f"the activations in {run_dir} were extracted from other images than {probe.root}")
-    layers = [layer for layer in map_layers(store, [str(name) for name in cfg.layers])
-              if not (run_dir / layer / TOPK_CSV).exists()]
-    if not layers:
-        log.info("topk: every layer done, skipping")
-        return run_dir
+        raise TopkError(f"the activations in {layout.root} were extracted from other images than {probe.root}")
+    todo = {}
+    for layer in map_layers(store, [str(name) for name in cfg.layers]):
+        inputs = {"k": int(cfg.topk.k), "probe_set": str(probe.root),
+                  "thresholds": stamp_digest(layout.stamp("thresholds", layer), "thresholds")}
+        if not is_current(layout.stamp("topk", layer), inputs, FORMAT, f"topk of {layer}"):
+            todo[layer] = inputs
+    if not todo:
+        return layout.root
     loaded = load_model(cfg.model)
     load_image = lru_cache(maxsize=256)(lambda index: np.asarray(Image.open(probe.image_paths[index]).convert("RGB")))
-    for layer in layers:
+    for layer, inputs in todo.items():
         field = receptive_field(loaded.module, get_layer(loaded.module, layer), loaded.input_size)
-        layer_topk(run_dir, store, layer, field, loaded.input_size, int(cfg.topk.k), load_image, probe.image_ids)
-    return run_dir
+        start(layout.stamp("topk", layer))
+        layer_topk(layout, store, layer, field, loaded.input_size, int(cfg.topk.k), load_image, probe.image_ids)
+        write_stamp(layout.stamp("topk", layer), inputs, FORMAT)
+    return layout.root
 
 
-def layer_topk(run_dir: Path, store: zarr.Group, layer: str, field: ReceptiveField, input_size: int, k: int,
+def layer_topk(layout: RunLayout, store: zarr.Group, layer: str, field: ReceptiveField, input_size: int, k: int,
                load_image, image_ids: list[str]) -> None:
     """Write the strips, receptive_field.json and topk.csv of one layer."""
-    layer_dir = run_dir / layer
-    (layer_dir / STRIPS_DIR).mkdir(parents=True, exist_ok=True)
-    thresholds = float32_below(read_thresholds(layer_dir))
+    layout.topk_strips(layer).mkdir(parents=True, exist_ok=True)
+    thresholds = float32_below(read_thresholds(layout, layer))
     order = top_images(store[layer]["maxima"][:], store["valid"][:], k)
-    rows = read_rows(zarr.open_group(run_dir / ACTIVATIONS, mode="r")[layer]["maps"], order)
+    rows = read_rows(store[layer]["maps"], order)
     records = []
     for unit in tqdm(range(order.shape[1]), desc=f"topk {layer}", unit="unit"):
         top_tiles, crop_tiles = [], []
@@ -149,8 +149,8 @@ def layer_topk(run_dir: Path, store: zarr.Group, layer: str, field: ReceptiveFie
             crop_tiles.append(np.asarray(crop.resize((TILE, TILE), Image.BILINEAR)))
             records.append((unit, rank, int(index), image_ids[int(index)], float(unit_map.max()), int(y), int(x),
                             *box))
-        strip(top_tiles, crop_tiles).save(unit_strip_path(layer_dir, unit), quality=85)
-    write_json_atomic(layer_dir / "receptive_field.json", {**field.__dict__, "input_size": input_size})
+        strip(top_tiles, crop_tiles).save(layout.topk_strip(layer, unit), quality=85)
+    write_json_atomic(layout.receptive_field_json(layer), {**field.__dict__, "input_size": input_size})
     pd.DataFrame.from_records(records, columns=["unit", "rank", "image_index", "image_id", "max_activation", "y",
                                                 "x", "rf_top", "rf_left", "rf_bottom", "rf_right"]
-                              ).to_csv(layer_dir / TOPK_CSV, index=False)
+                              ).to_csv(layout.topk_csv(layer), index=False)

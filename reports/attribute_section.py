@@ -15,15 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from dissect.artifacts import read_json
-from dissect.attribute import (
-    AGREEMENT_CSV,
-    ATTRIBUTE_DIR,
-    PAIRS_CSV,
-    RANDOMISATION_CSV,
-    SUMMARY_JSON,
-    class_strip_path,
-    unit_strip_path,
-)
+from dissect.layout import RunLayout
 
 
 def _link(run_dir: Path, path: Path) -> str:
@@ -77,14 +69,15 @@ def randomisation_table(table: pd.DataFrame) -> str:
 def render(run_dir: Path, report_dir: Path) -> str | None:
     """The attribution section of the index page; None when the attribute stage has not finished."""
     run_dir = Path(run_dir)
-    out_dir = run_dir / ATTRIBUTE_DIR
-    if not (out_dir / SUMMARY_JSON).exists():
+    layout = RunLayout(run_dir)
+    if not layout.stamp("attribute").exists():
         return None
-    summary = read_json(out_dir / SUMMARY_JSON)
-    pairs = pd.read_csv(out_dir / PAIRS_CSV, keep_default_na=False)
-    files = " · ".join(f"<a href='{_link(run_dir, out_dir / name)}'>{name}</a>"
-                       for name in (PAIRS_CSV, AGREEMENT_CSV, RANDOMISATION_CSV, SUMMARY_JSON, "maps.zarr")
-                       if (out_dir / name).exists())
+    summary = read_json(layout.attribute_json)
+    pairs = pd.read_csv(layout.attribute_pairs_csv, keep_default_na=False)
+    files = " · ".join(f"<a href='{_link(run_dir, path)}'>{path.name}</a>"
+                       for path in (layout.attribute_pairs_csv, layout.attribute_agreement_csv,
+                                    layout.attribute_randomisation_csv, layout.attribute_json, layout.attribute_maps)
+                       if path.exists())
     parts = [f"<section class='section' id='attribute'><h2>Attribution maps</h2>"
              f"<p>{summary['units']} unit(s) on {summary['pairs']['unit']} top image(s) and "
              f"{summary['pairs']['class']} class map(s) · {files}</p>"
@@ -95,30 +88,31 @@ def render(run_dir: Path, report_dir: Path) -> str | None:
         flagged = ", ".join(escape(m) for m in summary["flagged_methods"])
         parts.append(f"<p class='verdict-bad'>Flagged (Spearman &gt; {summary['max_correlation']} once every "
                      f"layer is randomised): {flagged}: {escape(summary['flag_meaning'])}.</p>")
-    if (out_dir / RANDOMISATION_CSV).exists():
+    if layout.attribute_randomisation_csv.exists():
         parts.append("<h3>Parameter randomisation (cascading from the last layer)</h3>"
-                     + randomisation_table(pd.read_csv(out_dir / RANDOMISATION_CSV, keep_default_na=False)))
+                     + randomisation_table(pd.read_csv(layout.attribute_randomisation_csv, keep_default_na=False)))
     units = pairs[pairs["kind"] == "unit"][["layer", "target"]].drop_duplicates()
     if len(units):
-        links = " · ".join(f"<a href='{_link(run_dir, unit_strip_path(out_dir, layer, int(unit)))}'>"
+        links = " · ".join(f"<a href='{_link(run_dir, layout.attribute_unit_strip(layer, int(unit)))}'>"
                            f"{escape(layer)} unit {int(unit)}</a>" for layer, unit in units.itertuples(index=False))
         parts.append(f"<h3>Unit strips</h3><p>{links}</p>")
     for row in pairs[pairs["kind"] == "class"].itertuples():
-        src = _link(run_dir, class_strip_path(out_dir, int(row.image_index), int(row.target)))
+        src = _link(run_dir, layout.attribute_class_strip(int(row.image_index), int(row.target)))
         parts.append(f"<figure><img loading=\"lazy\" src=\"{src}\" alt=\"class {int(row.target)} maps\">"
                      f"<figcaption>class {int(row.target)} on {escape(str(row.image_id))}</figcaption></figure>")
     return "".join(parts) + "</section>"
 
 
 @functools.lru_cache(maxsize=8)
-def _unit_tables(out_dir: Path, stamp: int) -> tuple[set[tuple[str, int]], dict[tuple[str, int], pd.DataFrame]]:
-    """The explained (layer, unit) pairs and each one's agreement rows, read once per pairs.csv version."""
-    pairs = pd.read_csv(out_dir / PAIRS_CSV, keep_default_na=False)
+def _unit_tables(layout: RunLayout, version: int) -> tuple[set[tuple[str, int]],
+                                                          dict[tuple[str, int], pd.DataFrame]]:
+    """The explained (layer, unit) pairs and each one's agreement rows, read once per stamp ``version``."""
+    pairs = pd.read_csv(layout.attribute_pairs_csv, keep_default_na=False)
     units = {(str(layer), int(unit)) for layer, unit in
              pairs.loc[pairs["kind"] == "unit", ["layer", "target"]].itertuples(index=False)}
     agreement: dict[tuple[str, int], pd.DataFrame] = {}
-    if (out_dir / AGREEMENT_CSV).exists():
-        table = pd.read_csv(out_dir / AGREEMENT_CSV, keep_default_na=False)
+    if layout.attribute_agreement_csv.exists():
+        table = pd.read_csv(layout.attribute_agreement_csv, keep_default_na=False)
         agreement = {(str(layer), int(unit)): rows for (layer, unit), rows in table.groupby(["layer", "unit"])}
     return units, agreement
 
@@ -129,13 +123,13 @@ def unit_fragment(run_dir: Path, layer: str, unit: int) -> str:
     The tables are read once (per version of pairs.csv), so a layer page of thousands of cards stays fast.
     """
     run_dir = Path(run_dir)
-    out_dir = run_dir / ATTRIBUTE_DIR
-    if not (out_dir / PAIRS_CSV).exists():
+    layout = RunLayout(run_dir)
+    if not layout.stamp("attribute").exists():
         return ""
-    units, agreement = _unit_tables(out_dir, (out_dir / PAIRS_CSV).stat().st_mtime_ns)
+    units, agreement = _unit_tables(layout, layout.stamp("attribute").stat().st_mtime_ns)
     if (layer, int(unit)) not in units:
         return ""
-    strip = unit_strip_path(out_dir, layer, int(unit))
+    strip = layout.attribute_unit_strip(layer, int(unit))
     html = (f"<div class='attribution'><img loading=\"lazy\" src=\"{_link(run_dir, strip)}\" "
             f"alt=\"attribution maps of unit {int(unit)}\">")
     rows = agreement.get((layer, int(unit)))

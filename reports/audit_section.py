@@ -13,11 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from dissect.artifacts import read_json
-from dissect.audit import AUDIT_DIR, LAYERS_CSV, SUMMARY_JSON, UNITS_CSV, WEIGHTS_CSV
+from dissect.layout import RunLayout
 from reports.links import layer_file, relative, unit_anchor
-
-#: A dissected layer has this file in <run_dir>/<layer>/ and a page of unit cards in the report.
-TALLY_SUMMARY = "summary.json"
 
 
 def verdict_class(healthy: bool) -> str:
@@ -49,7 +46,7 @@ def dead_units(run_dir: Path, summary: dict, units: pd.DataFrame) -> str:
         if not dead:
             items.append(f"<li>{escape(layer)}: none</li>")
             continue
-        if (run_dir / layer / TALLY_SUMMARY).exists():
+        if RunLayout(run_dir).stamp("tally", layer).exists():  # the layer has a page of unit cards
             page = layer_file(layer)
             listed = ", ".join(f"<a href='{escape(page)}#{escape(unit_anchor(layer, u))}'>{u}</a>" for u in dead)
         else:
@@ -58,11 +55,11 @@ def dead_units(run_dir: Path, summary: dict, units: pd.DataFrame) -> str:
     return f"<h3>Dead units (never positive on the probe set)</h3><ul>{''.join(items)}</ul>"
 
 
-def histograms(audit_dir: Path, report_dir: Path, summary: dict) -> str:
+def histograms(layout: RunLayout, report_dir: Path, summary: dict) -> str:
     """The firing-rate histogram of every layer."""
     figures = []
     for layer in summary["layer_order"]:
-        image = audit_dir / summary["layers"][layer]["histogram"]
+        image = layout.firing_rates_png(layer)
         figures.append(f"<figure><img src='{escape(relative(image, report_dir))}' "
                        f"alt='firing rates of {escape(layer)}'><figcaption>Per-unit firing rates of "
                        f"{escape(layer)} (share of probe images on which the unit's maximum is &gt; 0)"
@@ -70,12 +67,12 @@ def histograms(audit_dir: Path, report_dir: Path, summary: dict) -> str:
     return "<h3>Firing rates</h3>" + "".join(figures)
 
 
-def first_layer(audit_dir: Path, report_dir: Path, summary: dict) -> str:
+def first_layer(layout: RunLayout, report_dir: Path, summary: dict) -> str:
     """The first conv layer's filter grid, its smoothness score and verdict."""
     first = summary["first_layer"]
     if first is None:
         return "<h3>First-layer filters</h3><p>The model has no Conv2d layer.</p>"
-    image = relative(audit_dir / first["image"], report_dir)
+    image = relative(layout.first_layer_filters_png, report_dir)
     kernel = "x".join(str(k) for k in first["kernel"])
     return (f"<h3>First-layer filters: {escape(first['layer'])}</h3>"
             f"<figure><img src='{escape(image)}' alt='filters of {escape(first['layer'])}'>"
@@ -98,17 +95,18 @@ def weights_table(weights: pd.DataFrame) -> str:
 
 def render(run_dir: Path, report_dir: Path) -> str | None:
     """The audit section as an HTML fragment, or None when the run has no finished audit."""
-    audit_dir = Path(run_dir) / AUDIT_DIR
-    if not (audit_dir / SUMMARY_JSON).exists():
+    layout = RunLayout(Path(run_dir))
+    if not layout.stamp("audit").exists():
         return None
-    summary = read_json(audit_dir / SUMMARY_JSON)
-    units = pd.read_csv(audit_dir / UNITS_CSV)
-    weights = pd.read_csv(audit_dir / WEIGHTS_CSV)
+    summary = read_json(layout.audit_json)
+    units = pd.read_csv(layout.audit_units_csv)
+    weights = pd.read_csv(layout.audit_weights_csv)
     verdict = summary["verdict"]
-    files = " · ".join(f"<a href='{escape(relative(audit_dir / name, report_dir))}'>{name}</a>"
-                       for name in (UNITS_CSV, LAYERS_CSV, WEIGHTS_CSV, SUMMARY_JSON))
+    files = " · ".join(f"<a href='{escape(relative(path, report_dir))}'>{path.name}</a>"
+                       for path in (layout.audit_units_csv, layout.audit_layers_csv, layout.audit_weights_csv,
+                                    layout.audit_json))
     return (f"<section class='section' id='audit'><h2>Model audit</h2>"
             f"<p class='{verdict_class(verdict['healthy'])}'>{escape(verdict['text'])}</p><p>{files}</p>"
             f"{layers_table(summary)}{dead_units(Path(run_dir), summary, units)}"
-            f"{histograms(audit_dir, report_dir, summary)}{first_layer(audit_dir, report_dir, summary)}"
+            f"{histograms(layout, report_dir, summary)}{first_layer(layout, report_dir, summary)}"
             f"{weights_table(weights)}</section>")

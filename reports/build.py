@@ -17,17 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import zarr
 from omegaconf import DictConfig
 
-from dissect.artifacts import ACTIVATIONS, open_activations, read_json
+from dissect.artifacts import open_activations, read_json
 from dissect.broden import CATEGORIES
 from reports import attribute_section, audit_section, embed_section
-from reports.links import layer_file, unit_anchor
+from dissect.layout import RunLayout
+from reports.links import layer_file, relative, unit_anchor
 
 log = logging.getLogger(__name__)
 
-REPORT_DIR = "report"
 CATEGORY_COLOURS = {"color": "#d9534f", "object": "#337ab7", "part": "#5bc0de", "material": "#8a6d3b",
                     "scene": "#5cb85c", "texture": "#9b59b6"}
 
@@ -81,9 +80,9 @@ def key_value_table(rows: list[tuple[str, Any]]) -> str:
     return f"<table class='data'>{cells}</table>"
 
 
-def run_section(run_dir: Path, layers: list[str]) -> str:
+def run_section(layout: RunLayout, layers: list[str]) -> str:
     """The run: model, weights, layers, probe set, preprocessing and thresholds."""
-    attrs = dict(zarr.open_group(run_dir / ACTIVATIONS, mode="r").attrs)
+    attrs = dict(open_activations(layout.root).attrs)
     model, probe = attrs["model"], attrs["probe_set"]
     rows: list[tuple[str, Any]] = [
         ("model", model.get("arch") or model.get("target")),
@@ -92,12 +91,11 @@ def run_section(run_dir: Path, layers: list[str]) -> str:
         ("recorded layers", ", ".join(attrs["layer_order"])), ("dissected layers", ", ".join(layers)),
         ("probe set", f"{probe['name']} ({probe['kind']}, {probe['images']} images) at {probe['root']}"),
     ]
-    skipped = run_dir / "skipped_images.csv"
-    if skipped.exists():
-        rows.append(("unreadable images", len(pd.read_csv(skipped))))
+    if layout.skipped_images.exists():
+        rows.append(("unreadable images", len(pd.read_csv(layout.skipped_images))))
     if layers:
-        meta = read_json(run_dir / layers[0] / "thresholds.json")
-        summary = read_json(run_dir / layers[0] / "summary.json")
+        meta = read_json(layout.thresholds_json(layers[0]))
+        summary = read_json(layout.tally_json(layers[0]))
         rows += [("threshold quantile", meta["quantile"]), ("IoU threshold", summary["iou_threshold"])]
     return f"<section class='section' id='run'><h2>Run</h2>{key_value_table(rows)}</section>"
 
@@ -130,17 +128,18 @@ def bar_graph(table: pd.DataFrame, iou_threshold: float) -> str:
     return "".join(parts) + f"<p>{legend}</p>"
 
 
-def layer_summary(run_dir: Path, layer: str) -> str:
+def layer_summary(layout: RunLayout, layer: str) -> str:
     """A layer's counts per category, its bar graph and links to its files and page."""
-    summary = read_json(run_dir / layer / "summary.json")
-    table = pd.read_csv(run_dir / layer / "tally.csv", keep_default_na=False)
+    summary = read_json(layout.tally_json(layer))
+    table = pd.read_csv(layout.tally_csv(layer), keep_default_na=False)
     head = "<tr><th>category</th><th>detectors</th><th>unique detectors</th></tr>"
     rows = "".join(f"<tr><td>{c}</td><td>{summary['detectors_by_category'][c]}</td>"
                    f"<td>{summary['unique_detectors_by_category'][c]}</td></tr>" for c in CATEGORIES)
     total = (f"<tr><th>all</th><th>{summary['detectors']} of {summary['units']} units</th>"
              f"<th>{summary['unique_detectors']}</th></tr>")
-    files = " · ".join(f"<a href='../{escape(layer)}/{name}'>{name}</a>"
-                       for name in ("tally.csv", "summary.json", "iou.npy", "concepts.csv", "topk.csv"))
+    files = " · ".join(f"<a href='{escape(relative(path, layout.report_dir))}'>{path.name}</a>"
+                       for path in (layout.tally_csv(layer), layout.tally_json(layer), layout.iou_npy(layer),
+                                    layout.concepts_csv(layer), layout.topk_csv(layer)))
     return (f"<section class='section' id='layer-{escape(layer)}'><h2>Layer {escape(layer)}</h2>"
             f"<p><a href='{escape(layer_file(layer))}'>All {summary['units']} unit cards</a> · {files}</p>"
             f"<table class='data'>{head}{rows}{total}</table>"
@@ -166,16 +165,17 @@ def unit_card(layer: str, row: pd.Series, iou_threshold: float, strip: str | Non
             f"IoU {row['iou']:.3f}{badge}</h3><div class='concepts'>{per_category}</div>{image}{attribution}</div>")
 
 
-def layer_page(run_dir: Path, layer: str) -> str:
+def layer_page(layout: RunLayout, layer: str) -> str:
     """The page of one layer: controls and every unit's card."""
-    summary = read_json(run_dir / layer / "summary.json")
-    table = pd.read_csv(run_dir / layer / "tally.csv", keep_default_na=False)
+    summary = read_json(layout.tally_json(layer))
+    table = pd.read_csv(layout.tally_csv(layer), keep_default_na=False)
     threshold = summary["iou_threshold"]
+    has_strips = layout.stamp("topk", layer).exists()
     cards = []
     for _, row in table.iterrows():
-        strip = run_dir / layer / "strips" / f"unit_{int(row['unit']):05d}.jpg"
-        cards.append(unit_card(layer, row, threshold, f"../{layer}/strips/{strip.name}" if strip.exists() else None,
-                               attribute_section.unit_fragment(run_dir, layer, int(row["unit"]))))
+        strip = layout.topk_strip(layer, int(row["unit"]))
+        cards.append(unit_card(layer, row, threshold, relative(strip, layout.report_dir) if has_strips else None,
+                               attribute_section.unit_fragment(layout.root, layer, int(row["unit"]))))
     options = "".join(f"<option value='{c}'>{c}</option>" for c in CATEGORIES)
     controls = (f"<div class='controls'>Sort by <select id='sort'><option value='iou'>IoU</option>"
                 f"<option value='unit'>unit</option><option value='label'>label</option></select> "
@@ -187,30 +187,31 @@ def layer_page(run_dir: Path, layer: str) -> str:
     return page(f"{layer} units", body)
 
 
-def dissected_layers(run_dir: Path, layers: list[str]) -> list[str]:
+def dissected_layers(layout: RunLayout, layers: list[str]) -> list[str]:
     """The layers of ``layers`` that have a finished tally."""
-    return [layer for layer in layers if (run_dir / layer / "summary.json").exists()]
+    return [layer for layer in layers if layout.stamp("tally", layer).exists()]
 
 
 def build_report(run_dir: Path, layers: list[str]) -> Path:
     """Write index.html and the layer pages under <run_dir>/report/; return the index path."""
-    run_dir = Path(run_dir)
+    layout = RunLayout(Path(run_dir))
+    run_dir = layout.root
     attrs = dict(open_activations(run_dir).attrs)
-    report_dir = run_dir / REPORT_DIR
+    report_dir = layout.report_dir
     report_dir.mkdir(parents=True, exist_ok=True)
-    dissected = dissected_layers(run_dir, layers)
+    dissected = dissected_layers(layout, layers)
     title = f"Dissection of {attrs['model'].get('arch') or attrs['model'].get('target')} on {attrs['probe_set']['name']}"
-    sections = [run_section(run_dir, dissected)] + [layer_summary(run_dir, layer) for layer in dissected]
+    sections = [run_section(layout, dissected)] + [layer_summary(layout, layer) for layer in dissected]
     for render in (audit_section.render, embed_section.render, attribute_section.render):
         fragment = render(run_dir, report_dir)
         if fragment:
             sections.append(fragment)
     nav = " · ".join(f"<a href='{escape(layer_file(layer))}'>{escape(layer)}</a>" for layer in dissected)
-    (report_dir / "index.html").write_text(page(title, f"<h1>{escape(title)}</h1><p>Unit pages: {nav}</p>"
-                                                + "".join(sections)), encoding="utf-8")
     for layer in dissected:
-        (report_dir / layer_file(layer)).write_text(layer_page(run_dir, layer), encoding="utf-8")
-    return report_dir / "index.html"
+        layout.report_layer_page(layer).write_text(layer_page(layout, layer), encoding="utf-8")
+    layout.report_index.write_text(page(title, f"<h1>{escape(title)}</h1><p>Unit pages: {nav}</p>"
+                                        + "".join(sections)), encoding="utf-8")
+    return layout.report_index
 
 
 def run(cfg: DictConfig) -> Path:

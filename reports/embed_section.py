@@ -7,13 +7,15 @@ None when the run has no embed output. When the layer carries no information
 without pictures or tables. Every data-derived text is escaped.
 """
 
-import os
 from html import escape
 from pathlib import Path
 from typing import Any
 
 from dissect.artifacts import read_json
-from dissect.embed import COORDS, EMBED_DIR, METHOD_TITLES, METHODS, NEIGHBOURS_CSV, SUMMARY
+from dissect.layout import EMBED_METHODS, RunLayout
+from reports.links import relative
+
+METHOD_TITLES = {"tsne": "t-SNE", "umap": "UMAP"}
 
 CAUTIONS = (
     "In a t-SNE map the sizes of clusters and the distances between clusters carry little meaning: t-SNE "
@@ -29,13 +31,12 @@ OPENING = ('<section class="section" id="embed">', "<h2>Representation map</h2>"
 
 def render(run_dir: Path, report_dir: Path) -> str | None:
     """The HTML fragment of the representation-map section, or None when ``run_dir`` has no embed summary."""
-    summary_path = Path(run_dir) / EMBED_DIR / SUMMARY
-    if not summary_path.is_file():
+    layout = RunLayout(Path(run_dir))
+    if not layout.stamp("embed").is_file():
         return None
-    summary = read_json(summary_path)
+    summary = read_json(layout.embed_json)
     if "no_information" in summary:
         return "\n".join([*OPENING, f"<p>{escape(summary['no_information'])}</p>", "</section>"])
-    base = Path(os.path.relpath(Path(run_dir) / EMBED_DIR, report_dir)).as_posix()
     settings, used = summary["settings"], summary["used"]
     parts = [
         *OPENING,
@@ -47,17 +48,19 @@ def render(run_dir: Path, report_dir: Path) -> str | None:
         "Johnson, 2016).</li>",
         "</ul>",
         trust_table(summary),
-        *(figure(f"{base}/scatter_{method}.png",
+        *(figure(relative(layout.embed_picture("scatter", method), report_dir),
                  f"{METHOD_TITLES[method]} of {settings['layer']}, coloured by each image's label (for a "
-                 "Broden probe set: its scene, else its largest object, else its texture)") for method in METHODS),
-        *(figure(f"{base}/thumbnails_{method}.png",
+                 "Broden probe set: its scene, else its largest object, else its texture)")
+          for method in EMBED_METHODS),
+        *(figure(relative(layout.embed_picture("thumbnails", method), report_dir),
                  f"{METHOD_TITLES[method]} layout snapped to a {settings['thumbnail_grid']}x"
-                 f"{settings['thumbnail_grid']} grid, one image per cell") for method in METHODS),
-        figure(f"{base}/neighbours.png",
+                 f"{settings['thumbnail_grid']} grid, one image per cell") for method in EMBED_METHODS),
+        figure(relative(layout.embed_neighbours_png, report_dir),
                f"{used['queries']} query images (left) and their {used['neighbours']} nearest neighbours in "
                f"the original {summary['features']}-d features of {settings['layer']} (Euclidean; not the map)"),
-        f'<p>Data: <a href="{escape(base)}/{COORDS}">{COORDS}</a> (coordinates and labels), '
-        f'<a href="{escape(base)}/{NEIGHBOURS_CSV}">{NEIGHBOURS_CSV}</a>.</p>',
+        f'<p>Data: <a href="{escape(relative(layout.embed_coords, report_dir))}">{layout.embed_coords.name}</a> '
+        f'(coordinates and labels), <a href="{escape(relative(layout.embed_neighbours_csv, report_dir))}">'
+        f'{layout.embed_neighbours_csv.name}</a>.</p>',
         settings_table(settings, used),
         "</section>",
     ]
@@ -86,7 +89,7 @@ def trust_table(summary: dict[str, Any]) -> str:
     """Trustworthiness of each layout (1 = every 2-D neighbour is a true neighbour) and the seconds it took."""
     trust, seconds = summary["trustworthiness"], summary["seconds"]
     rows = "".join(f"<tr><td>{METHOD_TITLES[m]}</td><td>{trust[m]:.3f}</td>"
-                   f"<td>{seconds[m]:.1f}</td></tr>" for m in METHODS)
+                   f"<td>{seconds[m]:.1f}</td></tr>" for m in EMBED_METHODS)
     return (f"<table class=\"data\"><caption>Trustworthiness: {escape(trust['computed_on'])}</caption>"
             f"<tr><th>method</th><th>trustworthiness</th><th>seconds</th></tr>{rows}</table>")
 

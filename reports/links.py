@@ -3,10 +3,12 @@
 import os
 from pathlib import Path
 
+from dissect.layout import layer_page_name
+
 
 def layer_file(layer: str) -> str:
     """File name of a layer's page of unit cards, relative to the report directory."""
-    return f"layer-{layer}.html"
+    return layer_page_name(layer)
 
 
 def unit_anchor(layer: str, unit: int) -> str:

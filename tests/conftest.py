@@ -1,5 +1,6 @@
 """Shared fixtures: small probe sets made from scikit-image's photos, tiny models, Hydra configs."""
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from dissect.embedded_model import SmallCNN
+from dissect.layout import RunLayout
+from dissect.stamps import write_stamp
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -88,10 +91,11 @@ def compose_config() -> Callable[[list[str]], DictConfig]:
 
 def write_activation_store(run_dir: Path, image_ids: list[str], maps: dict[str, np.ndarray],
                            valid: np.ndarray | None = None) -> Path:
-    """An extract-stage store written by hand: maps[layer] is (N, U, h, w); maxima are computed here."""
+    """An extract-stage store written by hand, and its stamp: maps[layer] is (N, U, h, w); maxima are computed here."""
     import zarr
 
-    root = zarr.open_group(run_dir / "activations.zarr", mode="w")
+    layout = RunLayout(run_dir)
+    root = zarr.open_group(layout.activations, mode="w")
     ids = root.create_array("image_ids", shape=(len(image_ids),), dtype=str)
     ids[:] = np.array(image_ids, dtype=object)
     root.create_array("valid", data=np.ones(len(image_ids), bool) if valid is None else valid)
@@ -102,4 +106,12 @@ def write_activation_store(run_dir: Path, image_ids: list[str], maps: dict[str, 
         group.create_array("maxima", data=values.astype(np.float16).max(axis=(2, 3)).astype(np.float32))
         layers[name] = {"kind": "map", "shape": list(values.shape[1:]), "module": "Conv2d"}
     root.attrs.update({"layers": layers, "layer_order": list(maps), "complete": True})
+    write_stamp(layout.stamp("extract"), {
+        "written_by": "tests/conftest.py write_activation_store",
+        "image_ids": list(image_ids),
+        "layers": {name: {"shape": list(values.shape),
+                          "sha256": hashlib.sha256(np.ascontiguousarray(values.astype(np.float16))).hexdigest()}
+                   for name, values in maps.items()},
+        "valid": None if valid is None else np.asarray(valid, bool).tolist(),
+    }, 1)
     return run_dir

@@ -1,6 +1,7 @@
 """The attribute stage: maps against autograd, batching, planted detectors, guided-method hygiene, trust checks."""
 
 import math
+import os
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from dissect.attribute import (
     stored_form,
 )
 from dissect.embedded_model import SmallCNN
+from dissect.layout import RunLayout
 from dissect.probe import Preprocessing
 from reports import attribute_section
 
@@ -467,13 +469,14 @@ def planted_run(tmp_path_factory):
 
 def test_the_stage_writes_pairs_maps_strips_and_checks(planted_run):
     cfg, out_dir = planted_run
-    run_dir = out_dir.parent
-    pairs = pd.read_csv(out_dir / "pairs.csv", keep_default_na=False)
+    layout = RunLayout(cfg.out_dir)
+    assert out_dir == layout.attribute_dir
+    pairs = pd.read_csv(layout.attribute_pairs_csv, keep_default_na=False)
     units = pairs[pairs["kind"] == "unit"]
-    tallied = pd.read_csv(run_dir / "units" / "tally.csv", keep_default_na=False)
+    tallied = pd.read_csv(layout.tally_csv("units"), keep_default_na=False)
     assert tallied.at[0, "label"] == f"red-c{HOSTILE}" and tallied.at[0, "iou"] > 0.5
     assert units["target"].unique().tolist() == [0]  # units=label: every unit labelled red
-    top = pd.read_csv(run_dir / "units" / "topk.csv")
+    top = pd.read_csv(layout.topk_csv("units"))
     top = top[(top["unit"] == 0) & (top["rank"] < 3)]
     assert units["image_index"].tolist() == top["image_index"].tolist()
     # the explained score is the unit's maximum as the extract stage stored it (float16)
@@ -482,11 +485,11 @@ def test_the_stage_writes_pairs_maps_strips_and_checks(planted_run):
     for top_units, threshold in ((1, 0.04), (2, 0.04), (2, by_iou["iou"].iat[1])):
         top_settings, _ = read_settings({**SETTINGS, "top_units": top_units}, "cpu")
         detectors = by_iou[by_iou["iou"] > threshold]["unit"].head(top_units)
-        assert attribute.select_units(run_dir, ["units"], top_settings, threshold) == [("units", u) for u in detectors]
+        assert attribute.select_units(layout, ["units"], top_settings, threshold) == [("units", u) for u in detectors]
     classes = pairs[pairs["kind"] == "class"]
     assert classes["image_index"].tolist() == [0, 1] and set(classes["grad_cam_layer"]) == {"spread"}
 
-    maps = zarr.open_group(out_dir / "maps.zarr", mode="r")
+    maps = zarr.open_group(layout.attribute_maps, mode="r")
     images = torch.stack([IDENTITY.load(Image.open(Path(cfg.dataset.root) / "images" / i)) for i in pairs["image_id"]])
     model = prepare_model(RedSpots())
     for method in METHODS:
@@ -500,19 +503,21 @@ def test_the_stage_writes_pairs_maps_strips_and_checks(planted_run):
         raw = maps[method][:].astype(np.float32) * maps["scale"][method][:][:, None, None]
         np.testing.assert_allclose(raw, direct, atol=2e-3 * np.abs(direct).max())
 
-    strip = Image.open(out_dir / "strips" / "units" / "unit_00000.png")
+    strip = Image.open(layout.attribute_unit_strip("units", 0))
     assert strip.size == (10 * (attribute.TILE + attribute.GAP) - attribute.GAP,
                           attribute.HEADER + 3 * (attribute.TILE + attribute.GAP))
-    assert len(list((out_dir / "strips" / "classes").glob("*.png"))) == 2
+    class_strips = [layout.attribute_class_strip(int(row.image_index), int(row.target)) for row in classes.itertuples()]
+    assert all(path.is_file() for path in class_strips)
+    assert len(list(class_strips[0].parent.glob("*.png"))) == 2
 
-    agreement = pd.read_csv(out_dir / "agreement.csv", keep_default_na=False)
+    agreement = pd.read_csv(layout.attribute_agreement_csv, keep_default_na=False)
     red = agreement[agreement["unit"] == 0].set_index("method")
     assert (red["label"] == f"red-c{HOSTILE}").all()
     for method in ("saliency", "input_x_gradient", "guided_backprop", "integrated_gradients"):
         assert red.at[method, "inside_share"] > max(0.5, 2 * red.at[method, "chance_share"]), red.loc[method]
 
-    randomisation = pd.read_csv(out_dir / "randomisation.csv")
-    summary = read_json(out_dir / "summary.json")
+    randomisation = pd.read_csv(layout.attribute_randomisation_csv)
+    summary = read_json(layout.attribute_json)
     final = randomisation[randomisation["step"] == 2].set_index("method")["spearman_mean"]
     assert summary["flagged_methods"] == [m for m in METHODS if final[m] > 0.5]
     assert summary["pairs"] == {"unit": 3, "class": 2}
@@ -520,19 +525,23 @@ def test_the_stage_writes_pairs_maps_strips_and_checks(planted_run):
 
 def test_a_finished_stage_is_skipped(planted_run):
     cfg, out_dir = planted_run
-    before = (out_dir / "summary.json").stat().st_mtime_ns
-    attribute.run(cfg)
-    assert (out_dir / "summary.json").stat().st_mtime_ns == before
+    layout = RunLayout(cfg.out_dir)
+    before = {path: path.stat().st_mtime_ns for path in (layout.attribute_json, layout.stamp("attribute"))}
+    assert attribute.run(cfg) == out_dir
+    assert {path: path.stat().st_mtime_ns for path in before} == before
 
 
 def test_the_report_section_escapes_labels_and_links_strips(planted_run, tmp_path):
     cfg, out_dir = planted_run
-    run_dir = out_dir.parent
-    html = attribute_section.render(run_dir, run_dir / "report")
+    layout = RunLayout(cfg.out_dir)
+    run_dir = layout.root
+    html = attribute_section.render(run_dir, layout.report_dir)
     assert html and "integrated_gradients" in html and "randomisation" in html.lower()
     assert HOSTILE not in html
     fragment = attribute_section.unit_fragment(run_dir, "units", 0)
-    assert "<img loading=\"lazy\" src=\"../attribute/strips/units/unit_00000.png\"" in fragment
+    strip = Path(os.path.relpath(layout.attribute_unit_strip("units", 0), layout.report_dir)).as_posix()
+    assert strip == "../attribute/strips/layers/units/unit_00000.png"
+    assert f"<img loading=\"lazy\" src=\"{strip}\"" in fragment
     assert HOSTILE not in fragment and "&lt;img src=x" in fragment
     assert attribute_section.unit_fragment(run_dir, "units", 1) == ""  # not labelled red, not selected
     assert attribute_section.render(tmp_path, tmp_path / "report") is None

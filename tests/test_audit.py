@@ -1,5 +1,8 @@
 """The audit stage against hand-made dead units and numpy; filter grids, smoothness, comparison, demo, report."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,6 +19,8 @@ from dissect import audit, extract
 from dissect.artifacts import read_json, write_json_atomic
 from dissect.audit_compare import compare, health_remarks, main
 from dissect.audit_demo import DemoSettings, run_demo
+from dissect.layout import RunLayout
+from dissect.stamps import write_stamp
 from reports import audit_section
 
 DEAD_UNITS = [1, 6, 20]
@@ -47,7 +52,8 @@ def dead_run(tmp_path_factory, tiny_checkpoint):
 
 def test_units_made_dead_by_hand_are_exactly_the_dead_units(dead_run):
     run_dir, _ = dead_run
-    units = pd.read_csv(run_dir / "audit" / "units.csv")
+    layout = RunLayout(run_dir)
+    units = pd.read_csv(layout.audit_units_csv)
     assert units.columns.tolist() == ["layer", "unit", "firing_rate", "mean", "max", "zero_share", "dead",
                                       "nearly_dead", "always_on"]
     conv4 = units[units["layer"] == "features.conv4"].set_index("unit")
@@ -55,10 +61,10 @@ def test_units_made_dead_by_hand_are_exactly_the_dead_units(dead_run):
     # the recorded conv output (before the ReLU) of a dead unit is its bias, -1, everywhere
     assert (conv4.loc[DEAD_UNITS, ["mean", "max"]] == -1).all().all()
     assert (conv4.loc[DEAD_UNITS, "zero_share"] == 1).all()
-    summary = read_json(run_dir / "audit" / "summary.json")
+    summary = read_json(layout.audit_json)
     assert summary["layers"]["features.conv4"]["dead"] == len(DEAD_UNITS)
     assert summary["layers"]["features.conv4"]["dead_share"] == len(DEAD_UNITS) / 32
-    weights = pd.read_csv(run_dir / "audit" / "weights.csv").set_index("layer")
+    weights = pd.read_csv(layout.audit_weights_csv).set_index("layer")
     assert weights.loc["features.conv4", "near_zero_share"] == len(DEAD_UNITS) / 32
     assert weights.loc["features.conv3", "near_zero_share"] == 0
     assert weights.index.tolist() == ["features.conv1", "features.conv2", "features.conv3", "features.conv4",
@@ -67,9 +73,10 @@ def test_units_made_dead_by_hand_are_exactly_the_dead_units(dead_run):
 
 def test_unit_figures_equal_numpy_on_the_stored_arrays_of_a_real_extract(dead_run):
     run_dir, cfg = dead_run
-    units = pd.read_csv(run_dir / "audit" / "units.csv")
-    layers = pd.read_csv(run_dir / "audit" / "layers.csv").set_index("layer")
-    store = zarr.open_group(run_dir / "activations.zarr", mode="r")
+    layout = RunLayout(run_dir)
+    units = pd.read_csv(layout.audit_units_csv)
+    layers = pd.read_csv(layout.audit_layers_csv).set_index("layer")
+    store = zarr.open_group(layout.activations, mode="r")
     for layer in cfg.layers:
         group = store[layer]
         values = (group["maps"][:] if "maps" in group else group["activations"][:][..., None, None]).astype(np.float64)
@@ -101,7 +108,8 @@ def test_hand_made_store_flags_and_histogram_equal_numpy_with_invalid_images_lef
     overrides = tiny_overrides(tmp_path, tmp_path, tiny_checkpoint)
     cfg = compose_config(overrides + ["layers=['a<b>&c']", "audit.histogram_bins=10"])
     audit.run(cfg)
-    units = pd.read_csv(tmp_path / "audit" / "units.csv")
+    layout = RunLayout(tmp_path)
+    units = pd.read_csv(layout.audit_units_csv)
     stored = maps.astype(np.float16).astype(np.float64)[valid]
     fires = (stored.max(axis=(2, 3)) > 0).mean(axis=0)
     zero = (stored <= 0).mean(axis=(0, 2, 3))
@@ -112,10 +120,10 @@ def test_hand_made_store_flags_and_histogram_equal_numpy_with_invalid_images_lef
     assert units["dead"].tolist() == [True, False, False, False, False]
     assert units["nearly_dead"].tolist() == [False, True, False, False, False]
     assert units["always_on"].tolist() == (1 - zero > 0.99).tolist() == [False, False, True, False, False]
-    summary = read_json(tmp_path / "audit" / "summary.json")["layers"]["a<b>&c"]
+    summary = read_json(layout.audit_json)["layers"]["a<b>&c"]
     assert summary["firing_rate_histogram"]["counts"] == np.histogram(fires, bins=10, range=(0, 1))[0].tolist()
     assert summary["valid_images"] == n - 3
-    assert (tmp_path / "audit" / "firing_rates_a<b>&c.png").exists()
+    assert layout.firing_rates_png("a<b>&c").exists()
     html = audit_section.render(tmp_path, tmp_path / "report")
     assert "a&lt;b&gt;&amp;c" in html and "a<b>&c" not in html
     assert "<li>a&lt;b&gt;&amp;c (1 of 5): 0</li>" in html  # no cards for this layer: plain unit numbers
@@ -123,10 +131,11 @@ def test_hand_made_store_flags_and_histogram_equal_numpy_with_invalid_images_lef
 
 def test_a_finished_audit_is_skipped_and_new_settings_redo_it(dead_run, compose_config, tiny_checkpoint):
     run_dir, cfg = dead_run
-    summary = run_dir / "audit" / "summary.json"
-    written = summary.stat().st_mtime_ns
+    layout = RunLayout(run_dir)
+    summary = layout.audit_json
+    written = {path: path.stat().st_mtime_ns for path in (summary, layout.stamp("audit"))}
     audit.run(cfg)
-    assert summary.stat().st_mtime_ns == written
+    assert {path: path.stat().st_mtime_ns for path in written} == written
     audit.run(OmegaConf.merge(cfg, {"audit": {"histogram_bins": 4}}))
     assert len(read_json(summary)["layers"]["features.conv4"]["firing_rate_histogram"]["counts"]) == 4
     with pytest.raises(audit.AuditError, match="audit with the model config used for extract"):
@@ -140,15 +149,17 @@ def test_a_finished_audit_is_skipped_and_new_settings_redo_it(dead_run, compose_
 def test_report_section_links_dead_units_to_their_cards(dead_run, tmp_path):
     run_dir, _ = dead_run
     assert audit_section.render(tmp_path, tmp_path / "report") is None
-    (run_dir / "features.conv4").mkdir(exist_ok=True)
-    (run_dir / "features.conv4" / "summary.json").write_text("{}")  # the layer was dissected: it has cards
+    layout = RunLayout(run_dir)
+    # the layer was dissected (its tally finished): it has cards
+    write_stamp(layout.stamp("tally", "features.conv4"), {"written_by": "test_audit"}, 1)
     html = audit_section.render(run_dir, run_dir / "report")
     for unit in DEAD_UNITS:
         assert f"href='layer-features.conv4.html#unit-features.conv4-{unit}'" in html
+    for image in (layout.first_layer_filters_png, layout.firing_rates_png("features.conv4")):
+        assert f"src='{Path(os.path.relpath(image, layout.report_dir)).as_posix()}'" in html
     assert "src='../audit/first_layer_filters.png'" in html
-    assert "src='../audit/firing_rates_features.conv4.png'" in html
     assert "class='section'" in html and "class='data'" in html
-    first = read_json(run_dir / "audit" / "summary.json")["first_layer"]
+    first = read_json(layout.audit_json)["first_layer"]
     assert f"class='{'verdict-bad' if first['noisy'] else 'verdict-ok'}'" in html
 
 
@@ -190,14 +201,16 @@ def test_smoothness_tells_a_gaussian_blob_from_white_noise():
 
 def fake_audit(run_dir, dead: dict[str, list[bool]], noisy: bool):
     """A finished audit on disk with the given dead flags per layer."""
-    (run_dir / "audit").mkdir(parents=True)
+    layout = RunLayout(run_dir)
+    layout.audit_dir.mkdir(parents=True)
     rows = [{"layer": layer, "unit": u, "firing_rate": 0.0 if d else 0.5, "mean": 0.0, "max": 0.0,
              "zero_share": 0.5, "dead": d, "nearly_dead": False, "always_on": False}
             for layer, flags in dead.items() for u, d in enumerate(flags)]
-    pd.DataFrame(rows).to_csv(run_dir / "audit" / "units.csv", index=False)
+    pd.DataFrame(rows).to_csv(layout.audit_units_csv, index=False)
     first = {"layer": "conv1", "noisy": noisy, "high_frequency_share_median": 0.7 if noisy else 0.2,
              "white_noise_share": 0.8}
-    write_json_atomic(run_dir / "audit" / "summary.json", {"first_layer": first})
+    write_json_atomic(layout.audit_json, {"first_layer": first})
+    write_stamp(layout.stamp("audit"), {"written_by": "test_audit fake_audit"}, audit.FORMAT)
     return run_dir
 
 
@@ -235,4 +248,4 @@ def test_a_far_too_high_learning_rate_leaves_more_dead_units(tmp_path):
     dead_share = totals["dead"] / totals["units"]  # measured: 0.066 at lr 0.003, 0.51 at lr 0.3
     assert dead_share["lr-0.3"] > 0.4 and dead_share["lr-0.3"] > dead_share["lr-0.003"] + 0.3
     assert remarks[0].startswith("lr-0.3 looks unhealthy")
-    assert not read_json(run_dirs[1] / "audit" / "summary.json")["verdict"]["healthy"]
+    assert not read_json(RunLayout(run_dirs[1]).audit_json)["verdict"]["healthy"]

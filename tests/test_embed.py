@@ -1,6 +1,7 @@
 """The embed stage: neighbours by brute force, planted clusters, seeded determinism, labels, grid, end to end."""
 
 import itertools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from conftest import tiny_overrides, write_activation_store
 from dissect import embed, extract
 from dissect.artifacts import read_json
 from dissect.broden import BrodenDataset
+from dissect.layout import EMBED_METHODS, RunLayout
+from dissect.stamps import write_stamp
 from reports import embed_section
 
 # Measured on make_blobs(300, 64, centers=4, random_state=0..9), seed 0: silhouette of the 2-D coordinates
@@ -37,7 +40,7 @@ def blobs() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     return reduced, clusters, layouts
 
 
-@pytest.mark.parametrize("method", embed.METHODS)
+@pytest.mark.parametrize("method", EMBED_METHODS)
 def test_both_layouts_keep_planted_clusters_apart(blobs, method):
     _, clusters, layouts = blobs
     coords = layouts[method]
@@ -51,7 +54,7 @@ def test_both_layouts_keep_planted_clusters_apart(blobs, method):
 def test_layouts_are_byte_identical_for_the_same_seed(blobs):
     reduced, _, layouts = blobs
     again = {"tsne": embed.tsne_layout(reduced, 30.0, seed=0), "umap": embed.umap_layout(reduced, 15, 0.1, seed=0)}
-    for method in embed.METHODS:
+    for method in EMBED_METHODS:
         assert again[method].dtype == np.float32
         assert again[method].tobytes() == layouts[method].tobytes()
 
@@ -151,7 +154,7 @@ def test_a_map_layer_is_averaged_over_space_for_valid_images(tmp_path):
     write_activation_store(tmp_path, [f"i{k}" for k in range(20)], {"conv": maps}, valid)
     import zarr
 
-    features, rows = embed.read_features(zarr.open_group(tmp_path / "activations.zarr", mode="r"), "conv")
+    features, rows = embed.read_features(zarr.open_group(RunLayout(tmp_path).activations, mode="r"), "conv")
     np.testing.assert_array_equal(rows, np.flatnonzero(valid))
     expected = maps.astype(np.float16).astype(np.float64)[valid].mean(axis=(2, 3))
     np.testing.assert_allclose(features, expected, rtol=1e-6, atol=1e-6)
@@ -171,49 +174,56 @@ def test_stage_end_to_end_on_a_tiny_store(tmp_path, image_folder, tiny_checkpoin
                          + SMALL)
     extract.run(cfg)
     out = embed.run(cfg)
-    coords = pd.read_parquet(out / embed.COORDS)
+    layout = RunLayout(run_dir)
+    assert out == layout.embed_dir
+    coords = pd.read_parquet(layout.embed_coords)
     assert list(coords.columns) == ["image_id", "label", "tsne_x", "tsne_y", "umap_x", "umap_y"]
     assert len(coords) == 40 and (coords["label"] == "").all()
     assert coords["image_id"].tolist() == sorted(p.relative_to(image_folder).as_posix()
                                                  for p in image_folder.rglob("img*"))
     assert np.isfinite(coords[["tsne_x", "tsne_y", "umap_x", "umap_y"]].to_numpy()).all()
-    table = pd.read_csv(out / embed.NEIGHBOURS_CSV)
+    table = pd.read_csv(layout.embed_neighbours_csv)
     assert len(table) == 3 * 4 and table["rank"].tolist() == [1, 2, 3, 4] * 3
     assert all(d.is_monotonic_increasing for _, d in table.groupby("query_image_id")["distance"])
-    summary = read_json(out / embed.SUMMARY)
+    summary = read_json(layout.embed_json)
     # 40 centred rows span at most 39 dimensions
     assert (summary["images"], summary["features"], summary["used"]["pca_components"]) == (40, 128, 39)
     assert summary["used"]["perplexity"] == 5 and summary["used"]["trustworthiness_neighbors"] == 10
     assert 0 < summary["pca"]["explained_variance_total"] <= 1 + 1e-6
     assert set(summary["seconds"]) >= {"pca", "tsne", "umap", "trustworthiness", "neighbours", "pictures"}
-    for name in embed.PICTURES:
-        with Image.open(out / name) as picture:
+    pictures = embed.pictures(layout)
+    assert len(pictures) == 5
+    for path in pictures:
+        with Image.open(path) as picture:
             assert picture.size[0] > 100
-    stamp = (out / embed.SUMMARY).stat().st_mtime_ns
-    assert embed.run(cfg) == out and (out / embed.SUMMARY).stat().st_mtime_ns == stamp  # complete: skipped
+    written = {path: path.stat().st_mtime_ns for path in (layout.embed_json, layout.stamp("embed"))}
+    assert embed.run(cfg) == out  # complete: skipped
+    assert {path: path.stat().st_mtime_ns for path in written} == written
 
     html = embed_section.render(run_dir, run_dir / "report")
-    for name in embed.PICTURES:
-        assert f'src="../embed/{name}"' in html
-    assert html.count('loading="lazy"') == len(embed.PICTURES)
+    for path in pictures:
+        assert f'src="{Path(os.path.relpath(path, layout.report_dir)).as_posix()}"' in html
+    assert 'src="../embed/scatter_tsne.png"' in html
+    assert html.count('loading="lazy"') == len(pictures)
     assert "perplexity" in html and f"{summary['trustworthiness']['tsne']:.3f}" in html
 
 
 def test_report_section_is_absent_without_output_and_escapes_data(tmp_path):
     assert embed_section.render(tmp_path, tmp_path / "report") is None
-    out = tmp_path / "embed"
-    out.mkdir()
+    layout = RunLayout(tmp_path)
+    layout.embed_dir.mkdir()
     settings = {"layer": "<b>fc</b>", "pca_components": 50, "perplexity": 30.0, "n_neighbors": 15, "min_dist": 0.1,
                 "seed": 0, "trustworthiness_sample": 2000, "trustworthiness_neighbors": 10, "thumbnail_grid": 24,
                 "queries": 6, "neighbours": 6}
     used = {"pca_components": 50, "perplexity": 30.0, "n_neighbors": 15, "trustworthiness_sample": 100,
             "trustworthiness_neighbors": 10, "queries": 6, "neighbours": 6}
-    (out / embed.SUMMARY).write_text(pd.Series({
+    layout.embed_json.write_text(pd.Series({
         "settings": settings, "used": used, "layer_kind": "vector", "images": 100, "features": 64,
         "invalid_images_left_out": 0,
         "pca": {"components": 50, "explained_variance_total": 0.9, "explained_variance_ratio": [0.5, 0.4]},
         "trustworthiness": {"tsne": 0.95, "umap": 0.93, "computed_on": "PCA <features>"},
         "neighbours_space": "original", "seconds": {"tsne": 1.0, "umap": 2.0}}).to_json())
+    write_stamp(layout.stamp("embed"), {"written_by": "test_embed"}, embed.FORMAT)  # the stage finished
     html = embed_section.render(tmp_path, tmp_path / "report")
     assert "&lt;b&gt;fc&lt;/b&gt;" in html and "<b>fc" not in html and "PCA &lt;features&gt;" in html
 
@@ -259,28 +269,30 @@ NO_INFORMATION = {
 def test_a_layer_without_information_ends_normally_with_nan_coordinates(case, tmp_path, image_folder,
                                                                          compose_config, caplog):
     features, non_finite, reason = NO_INFORMATION[case]
-    stale = tmp_path / "embed" / "scatter_tsne.png"
+    layout = RunLayout(tmp_path)
+    stale = layout.embed_picture("scatter", "tsne")
     stale.parent.mkdir()
     stale.write_bytes(b"from an earlier run")
     with caplog.at_level("WARNING", logger="dissect.embed"):
         out = embed_features(tmp_path, image_folder, features, compose_config)
     warnings = [r.getMessage() for r in caplog.records if "Layer feat carries no information" in r.getMessage()]
     assert len(warnings) == 1 and reason in warnings[0]
-    summary = read_json(out / embed.SUMMARY)
+    assert out == layout.embed_dir
+    summary = read_json(layout.embed_json)
     kept = len(features) - non_finite
     if non_finite == 0:
         assert centred_rank(features) == 0
     assert summary["informative_dimensions"] == 0 and reason in summary["no_information"]
     assert (summary["images"], summary["non_finite_images_left_out"], summary["features"]) == (kept, non_finite, 8)
     assert "pca" not in summary and "trustworthiness" not in summary
-    coords = pd.read_parquet(out / embed.COORDS)
+    coords = pd.read_parquet(layout.embed_coords)
     assert list(coords.columns) == ["image_id", "label", "tsne_x", "tsne_y", "umap_x", "umap_y"]
     assert coords["image_id"].tolist() == folder_ids(image_folder)[:kept] and (coords["label"] == "").all()
     assert np.isnan(coords[["tsne_x", "tsne_y", "umap_x", "umap_y"]].to_numpy()).all()
-    assert not any((out / name).exists() for name in (embed.NEIGHBOURS_CSV, *embed.PICTURES))
-    stamp = (out / embed.SUMMARY).stat().st_mtime_ns
+    assert not any(path.exists() for path in (layout.embed_neighbours_csv, *embed.pictures(layout)))
+    written = {path: path.stat().st_mtime_ns for path in (layout.embed_json, layout.stamp("embed"))}
     assert embed_features(tmp_path, image_folder, features, compose_config) == out
-    assert (out / embed.SUMMARY).stat().st_mtime_ns == stamp  # complete: skipped
+    assert {path: path.stat().st_mtime_ns for path in written} == written  # complete: skipped
 
     html = embed_section.render(tmp_path, tmp_path / "report")
     assert "<h2>Representation map</h2>" in html and "Layer feat carries no information" in html
@@ -298,12 +310,13 @@ def test_features_of_rank_one_are_laid_out_on_one_pca_component(tmp_path, image_
     assert sum("has only 1 informative dimensions" in m and "PCA keeps 1 of its 8 components" in m
                for m in messages) == 1
     assert sum("2 of 40 images have non-finite features in layer feat" in m for m in messages) == 1
-    summary = read_json(out / embed.SUMMARY)
+    layout = RunLayout(tmp_path)
+    summary = read_json(layout.embed_json)
     assert summary["informative_dimensions"] == centred_rank(features[finite]) == 1
     assert (summary["images"], summary["non_finite_images_left_out"], summary["pca"]["components"]) == (38, 2, 1)
-    coords = pd.read_parquet(out / embed.COORDS)
+    coords = pd.read_parquet(layout.embed_coords)
     assert coords["image_id"].tolist() == [i for i, keep in zip(folder_ids(image_folder), finite) if keep]
     assert np.isfinite(coords[["tsne_x", "tsne_y", "umap_x", "umap_y"]].to_numpy()).all()
-    assert all((out / name).is_file() for name in (embed.NEIGHBOURS_CSV, *embed.PICTURES))
+    assert all(path.is_file() for path in (layout.embed_neighbours_csv, *embed.pictures(layout)))
     html = embed_section.render(tmp_path, tmp_path / "report")
     assert "PCA keeps only 1 of the 8 components asked" in html and "2 images with non-finite features" in html

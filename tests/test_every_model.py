@@ -15,6 +15,7 @@ from conftest import CONF_DIR
 from data_prep.synthetic_broden import generate
 from dissect.artifacts import read_json
 from dissect.attribute import METHODS
+from dissect.layout import RunLayout
 from dissect.pipeline import run_pipeline
 
 MODELS = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
@@ -43,9 +44,11 @@ def test_stages_all_end_with_a_report_and_maps_of_every_method(model, tiny_probe
     cfg = compose_config([f"model={model}", f"dataset.root={tiny_probe}", f"out_dir={tmp_path / model}", *QUICK])
     outputs = run_pipeline(cfg)
     assert outputs["report"].is_file() and outputs["report"].stat().st_size > 0
-    summary = read_json(outputs["attribute"] / "summary.json")
+    layout = RunLayout(tmp_path / model)
+    assert outputs["attribute"] == layout.attribute_dir
+    summary = read_json(layout.attribute_json)
     assert sorted(summary["methods"]) == sorted(METHODS), "ReLU networks keep the guided methods"
-    maps = zarr.open_group(outputs["attribute"] / "maps.zarr", mode="r")
+    maps = zarr.open_group(layout.attribute_maps, mode="r")
     pairs = summary["pairs"]["unit"] + summary["pairs"]["class"]
     assert pairs >= 1
     for method in METHODS:

@@ -15,9 +15,10 @@ import zarr
 from PIL import Image
 
 from conftest import REPO, tiny_overrides, write_image_folder
-from dissect.artifacts import EXTRACT_PROGRESS, SKIPPED_IMAGES, open_activations, read_json
+from dissect.artifacts import open_activations, read_json
 from dissect.embedded_model import SmallCNN
 from dissect.extract import ExtractError, chunk_length, run
+from dissect.layout import RunLayout
 
 
 def direct_outputs(checkpoint: Path, image_paths: list[Path]) -> dict[str, np.ndarray]:
@@ -65,7 +66,7 @@ def test_chunks_hold_whole_batches_of_at_least_the_asked_size(image_folder, tiny
                                                               compose_config):
     cfg = compose_config(tiny_overrides(image_folder, tmp_path / "run", tiny_checkpoint))
     run(cfg)
-    store = zarr.open_group(tmp_path / "run" / "activations.zarr", mode="r")
+    store = zarr.open_group(RunLayout(tmp_path / "run").activations, mode="r")
     maps = store["features.conv2"]["maps"]
     per_image = 8 * 16 * 16 * 2
     assert maps.chunks[0] == chunk_length(per_image, 4, 0.01) == 4 * -(-int(0.01 * 2**20) // (4 * per_image))
@@ -75,10 +76,11 @@ def test_chunks_hold_whole_batches_of_at_least_the_asked_size(image_folder, tiny
 
 def test_second_run_skips_and_other_config_is_refused(image_folder, tiny_checkpoint, tmp_path, compose_config):
     overrides = tiny_overrides(image_folder, tmp_path / "run", tiny_checkpoint)
+    layout = RunLayout(tmp_path / "run")
     run(compose_config(overrides))
-    stamp = (tmp_path / "run" / EXTRACT_PROGRESS).stat().st_mtime_ns
+    mtimes = {path: path.stat().st_mtime_ns for path in (layout.extract_progress, layout.stamp("extract"))}
     run(compose_config(overrides))
-    assert (tmp_path / "run" / EXTRACT_PROGRESS).stat().st_mtime_ns == stamp
+    assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
     with pytest.raises(ExtractError, match="different layers"):
         run(compose_config(overrides + ["layers=[features.conv3]"]))
 
@@ -92,7 +94,7 @@ def test_unreadable_images_are_skipped_listed_and_zeroed(tiny_checkpoint, tmp_pa
     store = open_activations(tmp_path / "run")
     ids = list(store["image_ids"][:])
     bad = {ids.index("a/img0001.jpg"), ids.index("b/img0004.jpg")}
-    skipped = pd.read_csv(tmp_path / "run" / SKIPPED_IMAGES)
+    skipped = pd.read_csv(RunLayout(tmp_path / "run").skipped_images)
     assert set(skipped["index"]) == bad
     assert set(skipped["image_id"]) == {"a/img0001.jpg", "b/img0004.jpg"}
     assert skipped["error"].str.len().gt(0).all()
@@ -117,7 +119,7 @@ def test_killed_run_resumes_to_identical_arrays(tiny_checkpoint, tmp_path):
     overrides = tiny_overrides(probe, resumed, tiny_checkpoint)
     process = subprocess.Popen(_extract_command(overrides), cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = resumed / EXTRACT_PROGRESS
+    progress = RunLayout(resumed).extract_progress
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if progress.exists() and len(read_json(progress)["done"].get("features.conv2/maps", [])) >= 3:
@@ -127,6 +129,7 @@ def test_killed_run_resumes_to_identical_arrays(tiny_checkpoint, tmp_path):
     process.wait()
     state = read_json(progress)
     assert not state["complete"], "the run finished before it could be killed; make the probe set larger"
+    assert not RunLayout(resumed).stamp("extract").exists(), "an unfinished extract has no stamp"
     subprocess.run(_extract_command(overrides), cwd=REPO, env=env, check=True, capture_output=True)
 
     first, second = open_activations(reference), open_activations(resumed)

@@ -16,6 +16,7 @@ reach 0.04 at all, which is why no unit is planted for them.
 """
 
 import csv
+import os
 import re
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import zarr
 from PIL import Image
 
 from data_prep.synthetic_broden import generate
+from dissect.layout import RunLayout
 from dissect.pipeline import run_pipeline
 
 N_IMAGES = 600
@@ -76,10 +78,10 @@ def planted_run(planted_probe: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def test_planted_units_are_labelled_with_their_concept_by_a_clear_margin(planted_run: Path):
-    layer_dir = planted_run / "units"
-    table = pd.read_csv(layer_dir / "tally.csv")
-    iou = np.load(layer_dir / "iou.npy")
-    names = pd.read_csv(layer_dir / "concepts.csv")["name"].tolist()
+    layout = RunLayout(planted_run)
+    table = pd.read_csv(layout.tally_csv("units"))
+    iou = np.load(layout.iou_npy("units"))
+    names = pd.read_csv(layout.concepts_csv("units"))["name"].tolist()
     assert len(table) == len(PLANTED) and iou.shape == (len(PLANTED), len(names))
     for unit, concept in enumerate(PLANTED):
         order = np.argsort(-iou[unit])
@@ -92,7 +94,7 @@ def test_planted_units_are_labelled_with_their_concept_by_a_clear_margin(planted
         assert best > IOU_THRESHOLD
         assert best >= MARGIN * runner_up, f"{concept}: {best:.4f} vs {names[order[1]]} {runner_up:.4f}"
     assert table.loc[2, "category"] == "texture" and table.loc[0, "category"] == "color"
-    summary = pd.read_json(layer_dir / "summary.json", typ="series")
+    summary = pd.read_json(layout.tally_json("units"), typ="series")
     assert summary["detectors"] == len(PLANTED)
     assert summary["unique_detectors"] == len(PLANTED)
     assert summary["detectors_by_category"] == {"color": 2, "object": 0, "part": 0, "material": 0, "scene": 0,
@@ -115,9 +117,10 @@ def _upsample2(values: np.ndarray) -> np.ndarray:
 
 
 def test_red_unit_threshold_and_iou_match_an_independent_numpy_computation(planted_run: Path, planted_probe: Path):
-    maps = zarr.open_group(planted_run / "activations.zarr", mode="r")["units"]["maps"][:, 0].astype(np.float64)
+    layout = RunLayout(planted_run)
+    maps = zarr.open_group(layout.activations, mode="r")["units"]["maps"][:, 0].astype(np.float64)
     threshold = np.quantile(maps, 1 - 0.005)
-    stage_threshold = pd.read_csv(planted_run / "units" / "thresholds.csv")["threshold"][0]
+    stage_threshold = pd.read_csv(layout.thresholds_csv("units"))["threshold"][0]
     assert stage_threshold == pytest.approx(threshold, rel=1e-12)
     number = {row["name"]: int(row["number"]) for row in csv.DictReader(open(planted_probe / "label.csv"))}["red-c"]
     intersection = activation = truth = 0
@@ -135,18 +138,20 @@ def test_red_unit_threshold_and_iou_match_an_independent_numpy_computation(plant
         truth += int(red.sum())
     expected = intersection / (activation + truth - intersection)
     print(f"red unit: threshold {threshold:.5f}, IoU {expected:.5f}, precision {intersection / activation:.3f}")
-    column = pd.read_csv(planted_run / "units" / "concepts.csv").set_index("name").loc["red-c", "column"]
-    assert np.load(planted_run / "units" / "iou.npy")[0, column] == pytest.approx(expected, rel=1e-5)
+    column = pd.read_csv(layout.concepts_csv("units")).set_index("name").loc["red-c", "column"]
+    assert np.load(layout.iou_npy("units"))[0, column] == pytest.approx(expected, rel=1e-5)
     assert intersection / activation > 0.95  # the red unit fires on red pixels only
 
 
 def test_the_report_shows_the_planted_concepts_on_their_units_cards(planted_run: Path):
-    page = (planted_run / "report" / "layer-units.html").read_text()
+    layout = RunLayout(planted_run)
+    page = layout.report_layer_page("units").read_text()
     for unit, concept in enumerate(PLANTED):
         card = re.search(rf"<div class='card' id='unit-units-{unit}'.*?(?=<div class='card|</div><script>)", page, re.S)
         assert card, f"no card for planted unit {unit}"
         assert f"data-label='{concept}'" in card.group(0)
         assert f"<h3>unit {unit}: {concept} " in card.group(0)
-        assert f"../units/strips/unit_{unit:05d}.jpg" in card.group(0)
-    index = (planted_run / "report" / "index.html").read_text()
+        strip = Path(os.path.relpath(layout.topk_strip("units", unit), layout.report_dir)).as_posix()
+        assert strip == f"../layers/units/strips/unit_{unit:05d}.jpg" and strip in card.group(0)
+    index = layout.report_index.read_text()
     assert all(f"{concept} (" in index for concept in PLANTED)  # bar-graph entries of the planted concepts

@@ -12,6 +12,8 @@ from conftest import CONF_DIR, tiny_overrides
 from data_prep.synthetic_broden import generate
 from dissect import extract, tally, thresholds, topk
 from dissect.broden import CATEGORIES
+from dissect.layout import RunLayout
+from dissect.stamps import write_stamp
 from reports.build import build_report, layer_page
 
 HOSTILE = "<script>alert(1)</script>"
@@ -41,13 +43,15 @@ def test_report_opens_without_errors_and_shows_cards_and_bar_graph(dissected, tm
     assert console_errors(stderr) == []
     assert re.search(r"<pre id=\"js-errors\"></pre>", dom)
     assert dom.count("<svg class=\"bars\"") == 2 or "No detector in this layer" in dom
-    assert "tally.csv" in dom and "summary.json" in dom
+    layout = RunLayout(run_dir)
+    assert index == layout.report_index
+    assert layout.tally_csv("features.conv4").name in dom and layout.tally_json("features.conv4").name in dom
     assert (tmp_path / "index.png").stat().st_size > 10_000
 
-    page_dom, page_stderr = open_page(index.parent / "layer-features.conv4.html",
+    page_dom, page_stderr = open_page(layout.report_layer_page("features.conv4"),
                                       screenshot=tmp_path / "layer.png")
     assert console_errors(page_stderr) == []
-    table = pd.read_csv(run_dir / "features.conv4" / "tally.csv", keep_default_na=False)
+    table = pd.read_csv(layout.tally_csv("features.conv4"), keep_default_na=False)
     assert len(re.findall(r"class=\"card( below)?\"", page_dom)) == len(table) == 32
     shown = re.search(r"<span id=\"shown\">(\d+)</span>", page_dom)
     assert shown and int(shown.group(1)) == len(table)  # the page script ran
@@ -58,7 +62,7 @@ def test_report_opens_without_errors_and_shows_cards_and_bar_graph(dissected, tm
 
 def test_label_names_with_html_show_as_text(dissected):
     run_dir, index = dissected
-    for page in (index, index.parent / "layer-features.conv4.html"):
+    for page in (index, RunLayout(run_dir).report_layer_page("features.conv4")):
         dom, _ = open_page(page)
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
         assert "<script>alert(1)</script>" not in dom
@@ -68,15 +72,16 @@ def test_label_names_with_html_show_as_text(dissected):
 def test_a_2048_unit_layer_page_stays_small(dissected, tmp_path):
     run_dir, _ = dissected
     rng = np.random.default_rng(0)
-    layer_dir = tmp_path / "run" / "big"
-    layer_dir.mkdir(parents=True)
+    layout = RunLayout(tmp_path / "run")
+    layout.layer_dir("big").mkdir(parents=True)
     table = pd.DataFrame({"unit": np.arange(2048), "category": rng.choice(CATEGORIES, 2048),
                           "label": [f"concept {k % 300}" for k in range(2048)], "iou": rng.uniform(0, 0.2, 2048)})
     for category in CATEGORIES:
         table[f"{category}-label"] = "some concept"
         table[f"{category}-iou"] = 0.01
-    table.to_csv(layer_dir / "tally.csv", index=False)
-    (layer_dir / "summary.json").write_text('{"units": 2048, "detectors": 1, "iou_threshold": 0.04}')
-    html = layer_page(tmp_path / "run", "big")
+    table.to_csv(layout.tally_csv("big"), index=False)
+    layout.tally_json("big").write_text('{"units": 2048, "detectors": 1, "iou_threshold": 0.04}')
+    write_stamp(layout.stamp("tally", "big"), {"written_by": "test_report"}, tally.FORMAT)  # the tally finished
+    html = layer_page(layout, "big")
     assert len(re.findall(r"class='card( below)?'", html)) == 2048
     assert len(html.encode()) < 3 * 2**20

@@ -15,6 +15,8 @@ from data_prep.synthetic_broden import generate
 from dissect import extract, tally, thresholds
 from dissect.artifacts import read_json
 from dissect.broden import BrodenFormatError
+from dissect.layout import RunLayout
+from dissect.stamps import write_stamp
 from dissect.thresholds import write_thresholds
 
 LABELS = """number,name,category,frequency,coverage,syns
@@ -80,7 +82,9 @@ def test_iou_equals_a_hand_computation(tmp_path, compose_config):
     run_dir = write_activation_store(tmp_path / "run", ["im0.jpg", "im1.jpg"], {"conv": hand_maps()})
     import zarr
 
-    write_thresholds(run_dir / "conv", np.full(3, 0.5), 0.005, zarr.open_group(run_dir / "activations.zarr"))
+    layout = RunLayout(run_dir)
+    write_thresholds(layout, "conv", np.full(3, 0.5), 0.005, zarr.open_group(layout.activations))
+    write_stamp(layout.stamp("thresholds", "conv"), thresholds.layer_inputs(layout, 0.005), thresholds.FORMAT)
     cfg = compose_config([f"out_dir={run_dir}", "layers=[conv]", f"dataset.root={broden}"])
     tally.run(cfg)
     # truth: red 4 + 4, ball 4 + 4, wheel 2, meadow 16 (all of im0). The activation term counts only
@@ -92,20 +96,20 @@ def test_iou_equals_a_hand_computation(tmp_path, compose_config):
         [1 / (3 + 8 - 1), 3 / (3 + 8 - 3), 2 / (3 + 2 - 2), 3 / (3 + 16 - 3)],
         [4 / (18 + 8 - 4), 4 / (18 + 8 - 4), 2 / (16 + 2 - 2), 16 / (16 + 16 - 16)],
     ])
-    iou = np.load(run_dir / "conv" / "iou.npy")
+    iou = np.load(layout.iou_npy("conv"))
     np.testing.assert_allclose(iou, expected, rtol=1e-6)
-    table = pd.read_csv(run_dir / "conv" / "tally.csv")
+    table = pd.read_csv(layout.tally_csv("conv"))
     assert table["label"].tolist() == ["red-c", "wheel", "meadow"]
     assert table["category"].tolist() == ["color", "part", "scene"]
     np.testing.assert_allclose(table["iou"], [1.0, 2 / 3, 1.0], rtol=1e-6)
     assert table["object-label"].tolist() == ["ball"] * 3
     np.testing.assert_allclose(table["object-iou"], [1 / 3, 3 / 8, 4 / 22], rtol=1e-5)
     assert table["texture-label"].isna().all()
-    summary = read_json(run_dir / "conv" / "summary.json")
+    summary = read_json(layout.tally_json("conv"))
     assert (summary["units"], summary["detectors"], summary["unique_detectors"]) == (3, 3, 3)
     assert summary["detectors_by_category"] == {"color": 1, "object": 0, "part": 1, "material": 0, "scene": 1,
                                                 "texture": 0}
-    concepts = pd.read_csv(run_dir / "conv" / "concepts.csv")
+    concepts = pd.read_csv(layout.concepts_csv("conv"))
     assert concepts["name"].tolist() == ["red-c", "ball", "wheel", "meadow"]
 
 
@@ -130,7 +134,8 @@ def small_run(tmp_path_factory, tiny_checkpoint):
 
 def copy_run(base: Path, name: str) -> Path:
     target = base / name
-    shutil.copytree(base / "run", target, ignore=shutil.ignore_patterns("tally_parts", "tally.csv", "iou.npy"))
+    shutil.copytree(base / "run", target,
+                    ignore=shutil.ignore_patterns("tally", "tally.csv", "iou.npy", "tally.stamp.json"))
     return target
 
 
@@ -141,25 +146,28 @@ def test_a_local_cluster_with_two_workers_gives_the_same_tally(small_run):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         tally.run(OmegaConf.merge(cfg, {"out_dir": str(cluster_dir), "cluster": {"address": cluster.scheduler_address}}))
     for layer in ("features.conv2", "features.conv3"):
-        first = (default_dir / layer / "tally.csv").read_bytes()
-        assert first == (cluster_dir / layer / "tally.csv").read_bytes()
-        assert pd.read_csv(default_dir / layer / "tally.csv")["iou"].max() > 0
+        first = RunLayout(default_dir).tally_csv(layer).read_bytes()
+        assert first == RunLayout(cluster_dir).tally_csv(layer).read_bytes()
+        assert pd.read_csv(RunLayout(default_dir).tally_csv(layer))["iou"].max() > 0
 
 
 def test_a_killed_tally_resumes_from_kept_blocks(small_run):
     base, cfg = small_run
     run_dir = copy_run(base, "resume")
     run_cfg = OmegaConf.merge(cfg, {"out_dir": str(run_dir)})
+    layout = RunLayout(run_dir)
     tally.run(run_cfg)
-    reference = (run_dir / "features.conv3" / "tally.csv").read_bytes()
-    parts = sorted((run_dir / "tally_parts").glob("block_*.npz"))
+    reference = layout.tally_csv("features.conv3").read_bytes()
+    parts = sorted(layout.tally_parts.glob("block_*.npz"))
     assert len(parts) == 5
     kept = {p: p.stat().st_mtime_ns for p in parts[:3]}
     for lost in parts[3:]:
         lost.unlink()  # as if the run had been killed before these blocks finished
-    (run_dir / "features.conv3" / "tally.csv").unlink()
+    layout.tally_csv("features.conv3").unlink()
+    for layer in ("features.conv2", "features.conv3"):
+        layout.stamp("tally", layer).unlink()  # a killed tally wrote no stamp
     tally.run(run_cfg)
-    assert (run_dir / "features.conv3" / "tally.csv").read_bytes() == reference
+    assert layout.tally_csv("features.conv3").read_bytes() == reference
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in kept.items())
 
 
@@ -174,12 +182,13 @@ def test_a_missing_mask_is_skipped_and_listed_or_stops_a_strict_run(small_run, t
     run_cfg = OmegaConf.merge(cfg, {"out_dir": str(run_dir), "dataset": {"root": str(broden)}})
     with pytest.raises(BrodenFormatError, match=index.loc[victim, "color"].split(";")[0]):
         tally.run(OmegaConf.merge(run_cfg, {"tally": {"strict": True}}))
-    assert list((run_dir / "tally_parts").glob("block_*.npz")), "blocks finished before the error are kept"
+    layout = RunLayout(run_dir)
+    assert list(layout.tally_parts.glob("block_*.npz")), "blocks finished before the error are kept"
     tally.run(run_cfg)
-    skipped = pd.read_csv(run_dir / "skipped_masks.csv")
+    skipped = pd.read_csv(layout.skipped_masks)
     assert skipped["index"].tolist() == [victim]
     assert index.loc[victim, "color"].split(";")[0] in skipped["reason"][0]
-    summary = read_json(run_dir / "features.conv3" / "summary.json")
+    summary = read_json(layout.tally_json("features.conv3"))
     assert (summary["images_tallied"], summary["images_skipped"]) == (47, 1)
 
 

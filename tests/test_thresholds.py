@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 
 from conftest import write_activation_store
-from dissect.thresholds import ThresholdsError, quantile_rank, read_thresholds, run
+from dissect.artifacts import read_thresholds
+from dissect.errors import ArtifactError
+from dissect.layout import RunLayout
+from dissect.thresholds import ThresholdsError, quantile_rank, run
 
 
 @pytest.mark.parametrize("quantile", [0.005, 0.1, 0.5, 1e-6])
@@ -21,7 +24,7 @@ def test_thresholds_equal_numpy_quantile_over_valid_images(tmp_path, compose_con
     run(cfg)
     stored = maps.astype(np.float16).astype(np.float32)[valid]
     expected = np.quantile(np.moveaxis(stored, 1, 0).reshape(4, -1).astype(np.float64), 1 - quantile, axis=1)
-    np.testing.assert_array_equal(read_thresholds(tmp_path / "conv"), expected)
+    np.testing.assert_array_equal(read_thresholds(RunLayout(tmp_path), "conv"), expected)
 
 
 def test_quantile_rank_matches_numpy_interpolation_point():
@@ -35,5 +38,5 @@ def test_bad_quantile_and_unknown_layer_are_refused(tmp_path, compose_config):
     write_activation_store(tmp_path, ["a", "b"], {"conv": np.zeros((2, 1, 2, 2))})
     with pytest.raises(ThresholdsError, match="strictly between 0 and 1"):
         run(compose_config([f"out_dir={tmp_path}", "layers=[conv]", "thresholds.quantile=1.5"]))
-    with pytest.raises(ThresholdsError, match=r"\['conv9'\] were not extracted; the store holds \['conv'\]"):
+    with pytest.raises(ArtifactError, match=r"\['conv9'\] were not extracted; the store holds \['conv'\]"):
         run(compose_config([f"out_dir={tmp_path}", "layers=[conv9]"]))

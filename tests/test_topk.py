@@ -10,6 +10,7 @@ from conftest import CONF_DIR, tiny_overrides
 from data_prep.synthetic_broden import generate
 from dissect import extract, thresholds, topk
 from dissect.artifacts import open_activations
+from dissect.layout import RunLayout
 from dissect.receptive_field import geometry_field, receptive_field
 from dissect.topk import top_images
 
@@ -68,7 +69,8 @@ def test_stage_writes_top_k_from_the_stored_maxima(tmp_path, tiny_checkpoint):
         stage.run(cfg)
     store = open_activations(tmp_path / "run")
     maxima = store["features.conv3"]["maxima"][:]
-    table = pd.read_csv(tmp_path / "run" / "features.conv3" / "topk.csv")
+    layout = RunLayout(tmp_path / "run")
+    table = pd.read_csv(layout.topk_csv("features.conv3"))
     for unit, rows in table.groupby("unit"):
         expected = np.argsort(-maxima[:, unit].astype(np.float64), kind="stable")[:5]
         assert rows.sort_values("rank")["image_index"].tolist() == expected.tolist()
@@ -77,4 +79,5 @@ def test_stage_writes_top_k_from_the_stored_maxima(tmp_path, tiny_checkpoint):
     first = table.iloc[0]
     assert maps[first["image_index"], first["unit"]][first["y"], first["x"]] == maps[first["image_index"],
                                                                                     first["unit"]].max()
-    assert len(list((tmp_path / "run" / "features.conv3" / "strips").glob("unit_*.jpg"))) == 16
+    assert len(list(layout.topk_strips("features.conv3").glob("unit_*.jpg"))) == 16
+    assert all(layout.topk_strip("features.conv3", unit).is_file() for unit in range(16))

@@ -24,6 +24,7 @@ import torch
 from data_prep.synthetic_broden import generate
 from data_prep.train_embedded import train_embedded
 from dissect.embedded_model import SmallCNN
+from dissect.layout import RunLayout
 from dissect.pipeline import run_pipeline
 
 N_IMAGES = 1600
@@ -39,7 +40,7 @@ def dissect(compose_config, probe: Path, checkpoint: Path, outputs: int, name: s
                           f"layers=[{','.join(LAYERS)}]", "dataset=default", f"dataset.root={probe}",
                           f"out_dir={out_dir}", "stages=[extract,thresholds,tally]"])
     run_pipeline(cfg)
-    return {layer: json.loads((out_dir / layer / "summary.json").read_text()) for layer in LAYERS}
+    return {layer: json.loads(RunLayout(out_dir).tally_json(layer).read_text()) for layer in LAYERS}
 
 
 @pytest.mark.slow  # trains a model: about 100 s on 2 cores

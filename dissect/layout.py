@@ -1,0 +1,222 @@
+"""The run directory: the one place that knows where every artifact of a run lives.
+
+Stages, reports and benchmarks take their paths from ``RunLayout``; no other
+module spells a run-directory file name. Per-layer outputs live under
+``layers/<layer>/``, so no layer name can collide with a stage folder::
+
+    <out_dir>/
+      activations.zarr/                extract: the activation store (Zarr v3)
+      extract/progress.json            extract: finished chunks, the unit of resume
+      extract/skipped_images.csv       extract: images that could not be read
+      layers/<layer>/                  one folder per dissected layer
+        thresholds.csv                 thresholds: unit, threshold
+        thresholds.json                thresholds: quantile and counts
+        tally.csv, iou.npy, concepts.csv, tally.json   tally: labels, IoU matrix, its columns, summary
+        topk.csv, receptive_field.json, strips/unit_<u:05d>.jpg   topk
+      tally/parts/                     tally: finished blocks, the unit of resume
+      tally/skipped_masks.csv          tally: images whose masks could not be read
+      audit/                           audit: units.csv, layers.csv, weights.csv, audit.json, pictures
+      embed/                           embed: coords.parquet, neighbours.csv, embed.json, pictures
+      attribute/                       attribute: pairs.csv, maps.zarr, strips/, agreement.csv,
+                                       randomisation.csv, attribute.json
+      report/index.html, report/layer-<layer>.html   report
+      <stage>/stamp.json, layers/<layer>/<stage>.stamp.json
+                                       what each finished stage was computed from (``dissect.stamps``)
+      logs/                            Hydra's logs, one folder per command
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+LAYERS = "layers"
+#: The 2-D layouts of the embed stage, in the order they are made and shown.
+EMBED_METHODS = ("tsne", "umap")
+
+
+def layer_page_name(layer: str) -> str:
+    """File name of a layer's page of unit cards in the report directory."""
+    return f"layer-{layer}.html"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every path of the run directory ``root``."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # ------------------------------------------------------------------ extract
+
+    @property
+    def activations(self) -> Path:
+        """The activation store (see README, "Run directory and Zarr layout")."""
+        return self.root / "activations.zarr"
+
+    @property
+    def extract_progress(self) -> Path:
+        return self.root / "extract" / "progress.json"
+
+    @property
+    def skipped_images(self) -> Path:
+        return self.root / "extract" / "skipped_images.csv"
+
+    # --------------------------------------------------------------- per layer
+
+    def layer_dir(self, layer: str) -> Path:
+        """The folder of a dissected layer's outputs."""
+        return self.root / LAYERS / layer
+
+    def thresholds_csv(self, layer: str) -> Path:
+        return self.layer_dir(layer) / "thresholds.csv"
+
+    def thresholds_json(self, layer: str) -> Path:
+        return self.layer_dir(layer) / "thresholds.json"
+
+    def tally_csv(self, layer: str) -> Path:
+        return self.layer_dir(layer) / "tally.csv"
+
+    def iou_npy(self, layer: str) -> Path:
+        return self.layer_dir(layer) / "iou.npy"
+
+    def concepts_csv(self, layer: str) -> Path:
+        return self.layer_dir(layer) / "concepts.csv"
+
+    def tally_json(self, layer: str) -> Path:
+        """The tally summary of a layer (units, detectors, unique detectors per category)."""
+        return self.layer_dir(layer) / "tally.json"
+
+    def topk_csv(self, layer: str) -> Path:
+        return self.layer_dir(layer) / "topk.csv"
+
+    def receptive_field_json(self, layer: str) -> Path:
+        return self.layer_dir(layer) / "receptive_field.json"
+
+    def topk_strips(self, layer: str) -> Path:
+        return self.layer_dir(layer) / "strips"
+
+    def topk_strip(self, layer: str, unit: int) -> Path:
+        """The top-k strip of one unit."""
+        return self.topk_strips(layer) / f"unit_{unit:05d}.jpg"
+
+    # ------------------------------------------------------------------- tally
+
+    @property
+    def tally_parts(self) -> Path:
+        return self.root / "tally" / "parts"
+
+    @property
+    def skipped_masks(self) -> Path:
+        return self.root / "tally" / "skipped_masks.csv"
+
+    # ------------------------------------------------------------------- audit
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.root / "audit"
+
+    @property
+    def audit_json(self) -> Path:
+        return self.audit_dir / "audit.json"
+
+    @property
+    def audit_units_csv(self) -> Path:
+        return self.audit_dir / "units.csv"
+
+    @property
+    def audit_layers_csv(self) -> Path:
+        return self.audit_dir / "layers.csv"
+
+    @property
+    def audit_weights_csv(self) -> Path:
+        return self.audit_dir / "weights.csv"
+
+    @property
+    def first_layer_filters_png(self) -> Path:
+        return self.audit_dir / "first_layer_filters.png"
+
+    def firing_rates_png(self, layer: str) -> Path:
+        return self.audit_dir / f"firing_rates_{layer}.png"
+
+    # ------------------------------------------------------------------- embed
+
+    @property
+    def embed_dir(self) -> Path:
+        return self.root / "embed"
+
+    @property
+    def embed_json(self) -> Path:
+        return self.embed_dir / "embed.json"
+
+    @property
+    def embed_coords(self) -> Path:
+        return self.embed_dir / "coords.parquet"
+
+    @property
+    def embed_neighbours_csv(self) -> Path:
+        return self.embed_dir / "neighbours.csv"
+
+    @property
+    def embed_neighbours_png(self) -> Path:
+        return self.embed_dir / "neighbours.png"
+
+    def embed_picture(self, kind: str, method: str) -> Path:
+        """``kind`` scatter or thumbnails, ``method`` tsne or umap."""
+        return self.embed_dir / f"{kind}_{method}.png"
+
+    # --------------------------------------------------------------- attribute
+
+    @property
+    def attribute_dir(self) -> Path:
+        return self.root / "attribute"
+
+    @property
+    def attribute_json(self) -> Path:
+        return self.attribute_dir / "attribute.json"
+
+    @property
+    def attribute_pairs_csv(self) -> Path:
+        return self.attribute_dir / "pairs.csv"
+
+    @property
+    def attribute_maps(self) -> Path:
+        return self.attribute_dir / "maps.zarr"
+
+    @property
+    def attribute_agreement_csv(self) -> Path:
+        return self.attribute_dir / "agreement.csv"
+
+    @property
+    def attribute_randomisation_csv(self) -> Path:
+        return self.attribute_dir / "randomisation.csv"
+
+    def attribute_unit_strip(self, layer: str, unit: int) -> Path:
+        return self.attribute_dir / "strips" / LAYERS / layer / f"unit_{unit:05d}.png"
+
+    def attribute_class_strip(self, image_index: int, target: int) -> Path:
+        return self.attribute_dir / "strips" / "classes" / f"image_{image_index:06d}_class_{target}.png"
+
+    # ------------------------------------------------------------------ report
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def report_index(self) -> Path:
+        return self.report_dir / "index.html"
+
+    def report_layer_page(self, layer: str) -> Path:
+        return self.report_dir / layer_page_name(layer)
+
+    @property
+    def training_json(self) -> Path:
+        """How the model of this run was trained, for runs made by ``make audit-demo``."""
+        return self.root / "training.json"
+
+    # ------------------------------------------------------------------ stamps
+
+    def stamp(self, stage: str, layer: str | None = None) -> Path:
+        """The stamp of a finished stage, beside its outputs (of one layer, for the per-layer stages)."""
+        return self.layer_dir(layer) / f"{stage}.stamp.json" if layer else self.root / stage / "stamp.json"
