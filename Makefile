@@ -33,7 +33,7 @@ report: $(STAMP)
 # Train the embedded architecture with a sensible and a far too high learning
 # rate, audit both, print them side by side (about 3 minutes on 2 cores).
 audit-demo: $(STAMP) $(SYNTHETIC)/index.csv
-	$(BIN)/python -m dissect.audit_demo --data $(SYNTHETIC) $(DEMO_ARGS)
+	$(BIN)/python -m dissect.tools.audit_demo --data $(SYNTHETIC) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

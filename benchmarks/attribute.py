@@ -3,7 +3,7 @@
 Usage: ``python benchmarks/attribute.py [--model alexnet|embedded] [--pairs 32] [--methods saliency grad_cam]``
 
 The same (unit, image) pairs, random units of one layer on photo crops at the
-model's input size, go through ``dissect.attribute.compute_maps`` twice: once
+model's input size, go through ``dissect.stages.attribute.compute_maps`` twice: once
 with ``batch_size = pairs`` (the stage's batched path: inputs (B, 3, S, S),
 targets (B,)) and once with ``batch_size = 1`` (one Captum call per pair). Each
 method runs once untimed first (warm-up), then the best of ``--repeats`` timed
@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import photo_crops  # noqa: E402
 
-from dissect.attribute import METHODS, MethodSettings, compute_maps, explained, prepare_model  # noqa: E402
+from dissect.stages.attribute import METHODS, MethodSettings, compute_maps, explained, prepare_model  # noqa: E402
 from dissect.embedded_model import SmallCNN  # noqa: E402
 from dissect.probe import Preprocessing  # noqa: E402
 

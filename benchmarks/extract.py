@@ -44,7 +44,7 @@ def overrides(model: str, probe: Path, out_dir: Path, batch_size: int) -> list[s
 
 def child(args: argparse.Namespace) -> None:
     """Run one extract stage and print its time and peak memory as JSON."""
-    from dissect.extract import run
+    from dissect.stages.extract import run
 
     cfg = compose(overrides(args.model, Path(args.probe), Path(args.out), args.batch_size))
     started = time.perf_counter()

@@ -8,10 +8,10 @@ model (``data/embedded_model/model.pt``, ``make model``) is run through the extr
 and thresholds stages once (untimed). Then, on the same activations, thresholds
 and masks:
 
-- **stage**: ``dissect.tally.run`` as ``make dissect`` runs it (the default
+- **stage**: ``dissect.stages.tally.run`` as ``make dissect`` runs it (the default
   in-process dask cluster, set-up and writing of every output included; its kept
   block tallies are removed before each repeat);
-- **block, 1 thread**: ``dissect.tally.tally_block`` over all images in one call,
+- **block, 1 thread**: ``dissect.stages.tally.tally_block`` over all images in one call,
   one thread (the algorithm alone);
 - **reference**: what the older tools do, written in ``tests/reference_tally.py``
   (``tests/test_tally_reference.py`` checks it against the stage too): per image, per unit,

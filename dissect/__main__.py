@@ -33,9 +33,11 @@ def composition_error(overrides: list[str]) -> str | None:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        text = str(error) + (f"\n{error.__cause__}" if error.__cause__ else "")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         kept = [line for line in lines if not line.startswith(("full_key:", "object_type=", "Config search path",
-                                                                "provider=", "Set the environment variable"))]
+                                                                "provider=", "Set the environment variable",
+                                                                "reference_type="))]
         return "configuration error: " + " ".join(kept).replace(": ", ": ")
     return None
 

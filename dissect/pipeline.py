@@ -24,13 +24,13 @@ log = logging.getLogger(__name__)
 
 #: Every stage, in pipeline order, and the module that implements it.
 STAGES: dict[str, str] = {
-    "extract": "dissect.extract",
-    "thresholds": "dissect.thresholds",
-    "tally": "dissect.tally",
-    "topk": "dissect.topk",
-    "audit": "dissect.audit",
-    "embed": "dissect.embed",
-    "attribute": "dissect.attribute",
+    "extract": "dissect.stages.extract",
+    "thresholds": "dissect.stages.thresholds",
+    "tally": "dissect.stages.tally",
+    "topk": "dissect.stages.topk",
+    "audit": "dissect.stages.audit",
+    "embed": "dissect.stages.embed",
+    "attribute": "dissect.stages.attribute",
     "report": "reports.build",
 }
 

@@ -3,7 +3,7 @@
 Per image and unit: resize the map with ``torch.nn.functional.interpolate``
 (bilinear, align_corners=False), threshold it, and ``numpy.bincount`` the label
 numbers under the mask (each (pixel, label) pair counted once). It shares no
-code with ``dissect.tally``; ``tests/test_tally_reference.py`` and
+code with ``dissect.stages.tally``; ``tests/test_tally_reference.py`` and
 ``benchmarks/tally.py`` hold the stage to it.
 """
 

@@ -2,7 +2,7 @@
 
 import math
 import os
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +19,9 @@ from torch.nn import functional as F
 
 from conftest import CONF_DIR
 from data_prep.synthetic_broden import generate
-from dissect import attribute, extract, tally, thresholds, topk
+from dissect.stages import attribute, extract, tally, thresholds, topk
 from dissect.artifacts import read_json
-from dissect.attribute import (
+from dissect.stages.attribute import (
     METHODS,
     AttributionError,
     MethodSettings,
@@ -35,6 +35,7 @@ from dissect.attribute import (
     spearman_abs,
     stored_form,
 )
+from dissect.broden import CATEGORIES
 from dissect.embedded_model import SmallCNN
 from dissect.layout import RunLayout
 from dissect.probe import Preprocessing
@@ -481,11 +482,6 @@ def test_the_stage_writes_pairs_maps_strips_and_checks(planted_run):
     assert units["image_index"].tolist() == top["image_index"].tolist()
     # the explained score is the unit's maximum as the extract stage stored it (float16)
     np.testing.assert_allclose(units["score"], top["max_activation"], rtol=2e-3)
-    by_iou = tallied.sort_values(["iou", "unit"], ascending=[False, True])
-    for top_units, threshold in ((1, 0.04), (2, 0.04), (2, by_iou["iou"].iat[1])):
-        top_settings, _ = read_settings({**SETTINGS, "top_units": top_units}, "cpu")
-        detectors = by_iou[by_iou["iou"] > threshold]["unit"].head(top_units)
-        assert attribute.select_units(layout, ["units"], top_settings, threshold) == [("units", u) for u in detectors]
     classes = pairs[pairs["kind"] == "class"]
     assert classes["image_index"].tolist() == [0, 1] and set(classes["grad_cam_layer"]) == {"spread"}
 
@@ -519,8 +515,75 @@ def test_the_stage_writes_pairs_maps_strips_and_checks(planted_run):
     randomisation = pd.read_csv(layout.attribute_randomisation_csv)
     summary = read_json(layout.attribute_json)
     final = randomisation[randomisation["step"] == 2].set_index("method")["spearman_mean"]
-    assert summary["flagged_methods"] == [m for m in METHODS if final[m] > 0.5]
+    assert sorted(final.index) == sorted(METHODS)  # randomisation_steps = 2: every method checked twice
+    # attribute.json reports the last step of randomisation.csv; the flag rule is checked on a hand-made table
+    # in test_the_summary_flags_the_methods_whose_final_correlation_exceeds_the_limit
+    for method in METHODS:
+        reported = summary["methods"][method]["randomisation"]["final_spearman"]
+        assert (reported is None) if np.isnan(final[method]) else reported == pytest.approx(final[method], abs=1e-6)
     assert summary["pairs"] == {"unit": 3, "class": 2}
+
+
+def write_hand_tally(layout: RunLayout, layer: str, rows: list[tuple[int, str, float]]) -> None:
+    """A tally.csv of (unit, label, iou) rows, in the given row order, with the columns the tally writes."""
+    table = pd.DataFrame(rows, columns=["unit", "label", "iou"])
+    table.insert(1, "category", "color")
+    for category in CATEGORIES:
+        table[f"{category}-label"] = table["label"] if category == "color" else ""
+        table[f"{category}-iou"] = table["iou"] if category == "color" else 0.0
+    layout.layer_dir(layer).mkdir(parents=True, exist_ok=True)
+    table.to_csv(layout.tally_csv(layer), index=False, float_format="%.6f")
+
+
+def test_unit_selection_takes_the_best_detectors_by_hand(tmp_path):
+    layout = RunLayout(tmp_path)
+    # IoUs are binary fractions, so that 0.125 reads back as exactly the threshold.
+    write_hand_tally(layout, "a", [(0, "red-c", 0.25), (1, "grass-c", 0.375), (2, "red-c", 0.125),
+                                   (3, "sky-c", 0.375), (4, "red-c", 0.0625)])
+    # rows out of unit order: the tie of units 2 and 0 must go to unit 0 whatever the row order
+    write_hand_tally(layout, "b", [(2, "red-c", 0.5), (3, "grass-c", 0.25), (1, "red-c", 0.125), (0, "sky-c", 0.5)])
+    layers, threshold = ["a", "untallied", "b"], 0.125  # a layer without tally.csv is passed over
+    expected = {  # by hand: a: 1 and 3 tie at 0.375 > 0 (0.25); 2 (= threshold) and 4 are no detectors;
+        #           b: 0 and 2 tie at 0.5 > 3 (0.25); 1 (= threshold) is no detector
+        1: [("a", 1), ("b", 0)],
+        2: [("a", 1), ("a", 3), ("b", 0), ("b", 2)],
+        5: [("a", 1), ("a", 3), ("a", 0), ("b", 0), ("b", 2), ("b", 3)],
+    }
+    for top_units, units in expected.items():
+        settings = read_settings({**SETTINGS, "top_units": top_units}, "cpu")[0]
+        assert attribute.select_units(layout, layers, settings, threshold) == units, top_units
+    assert attribute.select_units(layout, layers, read_settings(SETTINGS, "cpu")[0], 0.3) == [("a", 1), ("a", 3),
+                                                                                              ("b", 0), ("b", 2)]
+    # units=label: every unit labelled red-c, detector or not (layer a: rows in unit order, as the tally writes)
+    labelled = read_settings({**SETTINGS, "units": "label", "unit_label": "red-c"}, "cpu")[0]
+    assert attribute.select_units(layout, ["a", "untallied"], labelled, threshold) == [("a", 0), ("a", 2), ("a", 4)]
+
+
+def test_the_summary_flags_the_methods_whose_final_correlation_exceeds_the_limit(tmp_path):
+    methods = ["saliency", "grad_cam", "integrated_gradients", "occlusion", "lime"]
+    settings = read_settings({**SETTINGS, "methods": methods}, "cpu")[0]
+    assert settings.max_correlation == 0.5
+    maps = zarr.open_group(tmp_path / "maps.zarr", mode="w")
+    maps.attrs["seconds"] = {method: 2.0 for method in methods}
+    pairs = pair_table(["unit"] * 3 + ["class"], ["units"] * 3 + [""], [0, 0, 1, 2], ["units"] * 4)
+    # step 1 says the opposite of step 2 for most methods: only the last step counts
+    first = {"saliency": 0.1, "grad_cam": 0.95, "integrated_gradients": 0.99, "occlusion": 0.3, "lime": 0.2}
+    final = {"saliency": 0.9, "grad_cam": 0.2, "integrated_gradients": 0.5, "occlusion": float("nan"), "lime": 0.75}
+    rows = [(step, 2 * step, "units", method, values[method], 0.0, 4)
+            for step, values in ((2, final), (1, first)) for method in methods]
+    randomisation = pd.DataFrame.from_records(rows, columns=["step", "randomised", "deepest", "method",
+                                                             "spearman_mean", "spearman_std", "pairs"])
+    result = attribute.summary(settings, pairs, maps, None, randomisation, CPU)
+    # 0.9 and 0.75 exceed 0.5; 0.5 itself does not (the rule is > max_correlation); NaN: nothing to flag
+    assert result["flagged_methods"] == ["saliency", "lime"]
+    assert {m: result["methods"][m]["randomisation"] for m in methods} == {
+        "saliency": {"final_spearman": 0.9, "flagged": True},
+        "grad_cam": {"final_spearman": 0.2, "flagged": False},
+        "integrated_gradients": {"final_spearman": 0.5, "flagged": False},
+        "occlusion": {"final_spearman": None, "flagged": False},
+        "lime": {"final_spearman": 0.75, "flagged": True}}
+    assert result["pairs"] == {"unit": 3, "class": 1} and result["units"] == 2
+    assert result["methods"]["saliency"]["pairs_per_second"] == 2.0  # 4 pairs in 2 s
 
 
 def test_a_finished_stage_is_skipped(planted_run):

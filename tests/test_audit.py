@@ -15,10 +15,11 @@ from PIL import Image
 
 from conftest import tiny_overrides, write_activation_store, write_image_folder
 from data_prep.synthetic_broden import generate
-from dissect import audit, extract
+from dissect.stages import audit, extract
 from dissect.artifacts import read_json, write_json_atomic
-from dissect.audit_compare import compare, health_remarks, main
-from dissect.audit_demo import DemoSettings, run_demo
+from dissect.errors import ConfigError
+from dissect.tools.audit_compare import compare, health_remarks, main
+from dissect.tools.audit_demo import DemoSettings, run_demo
 from dissect.layout import RunLayout
 from dissect.stamps import write_stamp
 from reports import audit_section
@@ -140,7 +141,7 @@ def test_a_finished_audit_is_skipped_and_new_settings_redo_it(dead_run, compose_
     assert len(read_json(summary)["layers"]["features.conv4"]["firing_rate_histogram"]["counts"]) == 4
     with pytest.raises(audit.AuditError, match="audit with the model config used for extract"):
         audit.run(compose_config(tiny_overrides(run_dir, run_dir, tiny_checkpoint) + ["audit.histogram_bins=3"]))
-    with pytest.raises(audit.AuditError, match=r"audit.nearly_dead_share=1.5 must lie between 0 and 1"):
+    with pytest.raises(ConfigError, match=r"audit.nearly_dead_share=1.5 is not allowed; it must be a share in \[0, 1\]"):
         audit.run(compose_config(tiny_overrides(run_dir, run_dir, tiny_checkpoint) + ["audit.nearly_dead_share=1.5"]))
     with pytest.raises(audit.AuditError, match=r"\['features.conv9'\] cannot be audited; the store holds"):
         audit.run(compose_config(tiny_overrides(run_dir, run_dir, tiny_checkpoint) + ["layers=[features.conv9]"]))

@@ -13,9 +13,10 @@ from sklearn.metrics import silhouette_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from conftest import tiny_overrides, write_activation_store
-from dissect import embed, extract
+from dissect.stages import embed, extract
 from dissect.artifacts import read_json
 from dissect.broden import BrodenDataset
+from dissect.errors import ConfigError
 from dissect.layout import EMBED_METHODS, RunLayout
 from dissect.stamps import write_stamp
 from reports import embed_section
@@ -164,7 +165,7 @@ def test_an_unextracted_layer_and_bad_settings_are_refused(tmp_path, compose_con
     write_activation_store(tmp_path, ["a", "b"], {"conv": np.zeros((2, 1, 2, 2))})
     with pytest.raises(embed.EmbedError, match=r"embed.layer='fc7' was not extracted; the store holds \['conv'\]"):
         embed.run(compose_config([f"out_dir={tmp_path}", "embed.layer=fc7"]))
-    with pytest.raises(embed.EmbedError, match=r"embed.perplexity=-1.0 is not allowed; it must be a number > 0"):
+    with pytest.raises(ConfigError, match=r"embed.perplexity=-1.0 is not allowed; it must be a number > 0"):
         embed.run(compose_config([f"out_dir={tmp_path}", "embed.perplexity=-1"]))
 
 
@@ -273,7 +274,7 @@ def test_a_layer_without_information_ends_normally_with_nan_coordinates(case, tm
     stale = layout.embed_picture("scatter", "tsne")
     stale.parent.mkdir()
     stale.write_bytes(b"from an earlier run")
-    with caplog.at_level("WARNING", logger="dissect.embed"):
+    with caplog.at_level("WARNING", logger="dissect.stages.embed"):
         out = embed_features(tmp_path, image_folder, features, compose_config)
     warnings = [r.getMessage() for r in caplog.records if "Layer feat carries no information" in r.getMessage()]
     assert len(warnings) == 1 and reason in warnings[0]
@@ -304,7 +305,7 @@ def test_features_of_rank_one_are_laid_out_on_one_pca_component(tmp_path, image_
     features = 5 + np.arange(40.0)[:, None] * np.array([1, -2, 3, 0, 1, 2, -3, 1])
     features = with_inf(features, [7, 19])
     finite = np.isfinite(features).all(axis=1)
-    with caplog.at_level("WARNING", logger="dissect.embed"):
+    with caplog.at_level("WARNING", logger="dissect.stages.embed"):
         out = embed_features(tmp_path, image_folder, features, compose_config)
     messages = [r.getMessage() for r in caplog.records]
     assert sum("has only 1 informative dimensions" in m and "PCA keeps 1 of its 8 components" in m

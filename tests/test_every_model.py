@@ -14,7 +14,7 @@ import zarr
 from conftest import CONF_DIR
 from data_prep.synthetic_broden import generate
 from dissect.artifacts import read_json
-from dissect.attribute import METHODS
+from dissect.stages.attribute import METHODS
 from dissect.layout import RunLayout
 from dissect.pipeline import run_pipeline
 

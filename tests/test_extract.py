@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import REPO, tiny_overrides, write_image_folder
 from dissect.artifacts import open_activations, read_json
 from dissect.embedded_model import SmallCNN
-from dissect.extract import ExtractError, chunk_length, run
+from dissect.stages.extract import ExtractError, chunk_length, run
 from dissect.layout import RunLayout
 
 

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from browser import console_errors, open_page
 from conftest import CONF_DIR, tiny_overrides
 from data_prep.synthetic_broden import generate
-from dissect import extract, tally, thresholds, topk
+from dissect.stages import extract, tally, thresholds, topk
 from dissect.broden import CATEGORIES
 from dissect.layout import RunLayout
 from dissect.stamps import write_stamp

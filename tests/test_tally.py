@@ -12,12 +12,12 @@ from PIL import Image
 
 from conftest import tiny_overrides, write_activation_store
 from data_prep.synthetic_broden import generate
-from dissect import extract, tally, thresholds
+from dissect.stages import extract, tally, thresholds
 from dissect.artifacts import read_json
 from dissect.broden import BrodenFormatError
 from dissect.layout import RunLayout
 from dissect.stamps import write_stamp
-from dissect.thresholds import write_thresholds
+from dissect.stages.thresholds import write_thresholds
 
 LABELS = """number,name,category,frequency,coverage,syns
 1,red-c,color(2),2,0.5,

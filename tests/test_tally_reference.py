@@ -3,7 +3,7 @@
 import numpy as np
 
 from data_prep.synthetic_broden import generate
-from dissect import tally
+from dissect.stages import tally
 from dissect.artifacts import read_thresholds
 from dissect.broden import CATEGORIES, BrodenDataset
 from dissect.layout import RunLayout

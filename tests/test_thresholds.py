@@ -7,7 +7,8 @@ from conftest import write_activation_store
 from dissect.artifacts import read_thresholds
 from dissect.errors import ArtifactError
 from dissect.layout import RunLayout
-from dissect.thresholds import ThresholdsError, quantile_rank, run
+from dissect.errors import ConfigError
+from dissect.stages.thresholds import quantile_rank, run
 
 
 @pytest.mark.parametrize("quantile", [0.005, 0.1, 0.5, 1e-6])
@@ -36,7 +37,7 @@ def test_quantile_rank_matches_numpy_interpolation_point():
 
 def test_bad_quantile_and_unknown_layer_are_refused(tmp_path, compose_config):
     write_activation_store(tmp_path, ["a", "b"], {"conv": np.zeros((2, 1, 2, 2))})
-    with pytest.raises(ThresholdsError, match="strictly between 0 and 1"):
+    with pytest.raises(ConfigError, match="thresholds.quantile=1.5 is not allowed; it must be strictly between 0 and 1"):
         run(compose_config([f"out_dir={tmp_path}", "layers=[conv]", "thresholds.quantile=1.5"]))
     with pytest.raises(ArtifactError, match=r"\['conv9'\] were not extracted; the store holds \['conv'\]"):
         run(compose_config([f"out_dir={tmp_path}", "layers=[conv9]"]))

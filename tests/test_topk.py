@@ -8,11 +8,11 @@ from torch import nn
 
 from conftest import CONF_DIR, tiny_overrides
 from data_prep.synthetic_broden import generate
-from dissect import extract, thresholds, topk
+from dissect.stages import extract, thresholds, topk
 from dissect.artifacts import open_activations
 from dissect.layout import RunLayout
 from dissect.receptive_field import geometry_field, receptive_field
-from dissect.topk import top_images
+from dissect.stages.topk import top_images
 
 
 def test_alexnet_conv1_and_conv5_fields():
@@ -48,15 +48,21 @@ def test_the_gradient_fallback_agrees_with_geometry_on_a_chain():
     assert expected.size == 1 + 4 + 2 * 1
 
 
-def test_top_k_equals_numpy_argsort_with_ties_to_the_lower_index():
-    rng = np.random.default_rng(0)
-    maxima = rng.integers(0, 5, size=(40, 6)).astype(np.float32)  # many ties
-    valid = np.ones(40, bool)
-    valid[[2, 7]] = False
-    order = top_images(maxima, valid, k=10)
-    for unit in range(6):
-        candidates = [i for i in np.argsort(-maxima[:, unit], kind="stable") if valid[i]]
-        assert order[:, unit].tolist() == candidates[:10]
+def test_top_k_by_hand_with_ties_to_the_lower_index_and_invalid_images_left_out():
+    maxima = np.array([[1, 5, 2],
+                       [3, 5, 2],
+                       [9, 0, 2],  # invalid: would be unit 0's best
+                       [3, 1, 7],
+                       [0, 5, 2],
+                       [7, 9, 2],  # invalid: would be unit 1's best
+                       [3, 2, -1]], dtype=np.float32)
+    valid = np.array([True, True, False, True, True, False, True])
+    # by hand, per unit over images 0, 1, 3, 4, 6: unit 0: 3 (1, 3, 6), 1 (0), 0 (4);
+    # unit 1: 5 (0, 1, 4), 2 (6), 1 (3); unit 2: 7 (3), 2 (0, 1, 4), -1 (6)
+    np.testing.assert_array_equal(top_images(maxima, valid, k=3), [[1, 0, 3], [3, 1, 0], [6, 4, 1]])
+    # k beyond the 5 valid images: 5 rows, never an invalid image (not even below a negative maximum)
+    np.testing.assert_array_equal(top_images(maxima, valid, k=10), [[1, 0, 3], [3, 1, 0], [6, 4, 1], [0, 6, 4],
+                                                                   [4, 3, 6]])
 
 
 def test_stage_writes_top_k_from_the_stored_maxima(tmp_path, tiny_checkpoint):
@@ -71,9 +77,13 @@ def test_stage_writes_top_k_from_the_stored_maxima(tmp_path, tiny_checkpoint):
     maxima = store["features.conv3"]["maxima"][:]
     layout = RunLayout(tmp_path / "run")
     table = pd.read_csv(layout.topk_csv("features.conv3"))
+    valid = store["valid"][:]
+    assert sorted(table["unit"].unique()) == list(range(16))
     for unit, rows in table.groupby("unit"):
-        expected = np.argsort(-maxima[:, unit].astype(np.float64), kind="stable")[:5]
-        assert rows.sort_values("rank")["image_index"].tolist() == expected.tolist()
+        # the 5 valid images of highest maximum, ties to the lower index, by Python's sort (not numpy's)
+        expected = sorted((i for i in range(len(maxima)) if valid[i]), key=lambda i: (-float(maxima[i, unit]), i))[:5]
+        assert rows.sort_values("rank")["image_index"].tolist() == expected
+        assert rows["rank"].tolist() == sorted(rows["rank"]) == list(range(5))
         np.testing.assert_allclose(rows["max_activation"], maxima[expected, unit], rtol=1e-3)
     maps = store["features.conv3"]["maps"][:]
     first = table.iloc[0]

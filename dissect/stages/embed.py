@@ -22,7 +22,7 @@ the stage:
   warning says so and PCA keeps r components; when r = 1 the 1-d scores get a
   zero second column (t-SNE's PCA init needs two; it changes no distance).
 - No information: when the features are exactly constant over the images (all
-  zero included; r = 0), or fewer than MIN_IMAGES images have finite features,
+  zero included; r = 0), or fewer than MIN_EMBED_IMAGES images have finite features,
   a warning gives the reason, and no PCA, layout, neighbour or picture is made
   (stale ones are removed): the stage writes only ``coords.parquet``, with NaN
   coordinates, ``embed.json`` and the stamp.
@@ -58,7 +58,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ from dissect.broden import BrodenDataset, BrodenFormatError
 from dissect.errors import DissectError
 from dissect.layout import EMBED_METHODS, RunLayout
 from dissect.probe import open_probe_set
+from dissect.settings import MIN_EMBED_IMAGES, EmbedSettings, section
 from dissect.stamps import is_current, stamp_digest, start, write_stamp
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,6 @@ log = logging.getLogger(__name__)
 #: The version of this stage's output format.
 FORMAT = 1
 METHOD_TITLES = {"tsne": "t-SNE", "umap": "UMAP"}
-MIN_IMAGES = 4
 MAX_LABELS = 19  # labels with their own colour; the rest are drawn as 'other' (20 colours in all)
 THUMBNAIL_PX = 48  # side of one cell of the thumbnail maps
 NEIGHBOUR_PX = 96  # side of one image of neighbours.png
@@ -99,53 +99,15 @@ class EmbedError(DissectError):
     """The embed stage cannot run with this configuration or run directory."""
 
 
-@dataclass(frozen=True)
-class EmbedSettings:
-    """The ``embed`` config section, checked."""
-
-    layer: str
-    pca_components: int
-    perplexity: float
-    n_neighbors: int
-    min_dist: float
-    seed: int
-    trustworthiness_sample: int
-    trustworthiness_neighbors: int
-    thumbnail_grid: int
-    queries: int
-    neighbours: int
-
-    @classmethod
-    def from_config(cls, section: DictConfig) -> "EmbedSettings":
-        """Read and check ``cfg.embed``; a bad value raises EmbedError naming the key and what is allowed."""
-        settings = cls(layer=str(section.layer), pca_components=int(section.pca_components),
-                       perplexity=float(section.perplexity), n_neighbors=int(section.n_neighbors),
-                       min_dist=float(section.min_dist), seed=int(section.seed),
-                       trustworthiness_sample=int(section.trustworthiness_sample),
-                       trustworthiness_neighbors=int(section.trustworthiness_neighbors),
-                       thumbnail_grid=int(section.thumbnail_grid), queries=int(section.queries),
-                       neighbours=int(section.neighbours))
-        rules = [("pca_components", settings.pca_components >= 2, "an integer >= 2"),
-                 ("perplexity", settings.perplexity > 0, "a number > 0 (5 to 50 is usual)"),
-                 ("n_neighbors", settings.n_neighbors >= 2, "an integer >= 2"),
-                 ("min_dist", 0 <= settings.min_dist <= 1, "a number in [0, 1]"),
-                 ("seed", 0 <= settings.seed < 2**32, "an integer in [0, 2**32)"),
-                 ("trustworthiness_sample", settings.trustworthiness_sample >= MIN_IMAGES,
-                  f"an integer >= {MIN_IMAGES}"),
-                 ("trustworthiness_neighbors", settings.trustworthiness_neighbors >= 1, "an integer >= 1"),
-                 ("thumbnail_grid", settings.thumbnail_grid >= 1, "an integer >= 1"),
-                 ("queries", settings.queries >= 1, "an integer >= 1"),
-                 ("neighbours", settings.neighbours >= 1, "an integer >= 1")]
-        for key, ok, allowed in rules:
-            if not ok:
-                raise EmbedError(f"embed.{key}={getattr(settings, key)} is not allowed; it must be {allowed}")
-        return settings
+def check(cfg: DictConfig) -> None:
+    """Refuse bad embed settings before any stage runs."""
+    section(cfg.embed, EmbedSettings)
 
 
 def run(cfg: DictConfig) -> Path:
     """Project ``embed.layer`` for every valid probe image and draw the maps; return ``<out_dir>/embed``."""
     layout = RunLayout(Path(cfg.out_dir))
-    settings = EmbedSettings.from_config(cfg.embed)
+    settings = section(cfg.embed, EmbedSettings)
     out = layout.embed_dir
     inputs = {"settings": asdict(settings), "probe_set": str(cfg.dataset.root),
               "extract": stamp_digest(layout.stamp("extract"), "extract")}
@@ -156,8 +118,8 @@ def run(cfg: DictConfig) -> Path:
     with timed("read features", seconds):
         features, rows = read_features(store, settings.layer)
     n_valid, n_features = features.shape
-    if n_valid < MIN_IMAGES or n_features < 2:
-        raise EmbedError(f"embed needs at least {MIN_IMAGES} valid images and 2 features; layer "
+    if n_valid < MIN_EMBED_IMAGES or n_features < 2:
+        raise EmbedError(f"embed needs at least {MIN_EMBED_IMAGES} valid images and 2 features; layer "
                          f"{settings.layer!r} has {n_valid} valid images and {n_features} features")
     start(layout.stamp("embed"))
     out.mkdir(parents=True, exist_ok=True)
@@ -291,9 +253,9 @@ def finite_rows(features: np.ndarray, rows: np.ndarray, layer: str) -> tuple[np.
 def no_information(features: np.ndarray, n_valid: int, layer: str) -> str | None:
     """Why the (N, D) features kept of n_valid images carry no information (a sentence), or None when they do."""
     n_images, n_features = features.shape
-    if n_images < MIN_IMAGES:
+    if n_images < MIN_EMBED_IMAGES:
         return (f"Layer {layer} carries no information: only {n_images} of its {n_valid} valid images have finite "
-                f"features, fewer than the {MIN_IMAGES} a map needs; no PCA, layout or picture is made.")
+                f"features, fewer than the {MIN_EMBED_IMAGES} a map needs; no PCA, layout or picture is made.")
     if (features == features[0]).all():
         zero = " (all zero)" if not features.any() else ""
         return (f"Layer {layer} carries no information: its {n_images} x {n_features} features are constant over "

@@ -35,6 +35,7 @@ from dissect.layout import RunLayout
 from dissect.models import load_model
 from dissect.probe import open_probe_set
 from dissect.receptive_field import ReceptiveField, receptive_field
+from dissect.settings import TopkSettings, section
 from dissect.stamps import is_current, stamp_digest, start, write_stamp
 from dissect.upsample import float32_below, upsample
 
@@ -96,8 +97,7 @@ def read_rows(maps: zarr.Array, indices: np.ndarray) -> dict[int, np.ndarray]:
 
 def check(cfg: DictConfig) -> None:
     """Refuse bad topk settings before any stage runs."""
-    if int(cfg.topk.k) < 1:
-        raise TopkError(f"topk.k={cfg.topk.k} must be an integer >= 1")
+    section(cfg.topk, TopkSettings)
 
 
 def run(cfg: DictConfig) -> Path:

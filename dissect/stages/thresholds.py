@@ -27,18 +27,14 @@ from tqdm import tqdm
 
 from dissect.artifacts import map_layers, open_activations, write_json_atomic
 from dissect.cluster import dask_client
-from dissect.errors import DissectError
 from dissect.layout import RunLayout
+from dissect.settings import ThresholdsSettings, section
 from dissect.stamps import is_current, stamp_digest, start, write_stamp
 
 log = logging.getLogger(__name__)
 
 #: The version of this stage's output format.
 FORMAT = 1
-
-
-class ThresholdsError(DissectError):
-    """Thresholds cannot be computed with this configuration or run directory."""
 
 
 def quantile_rank(n_values: int, quantile: float) -> tuple[int, float]:
@@ -96,11 +92,7 @@ def layer_thresholds(client: Client, store_path: Path, layer: str, quantile: flo
 
 def check(cfg: DictConfig) -> None:
     """Refuse bad thresholds settings before any stage runs."""
-    quantile = float(cfg.thresholds.quantile)
-    if not 0 < quantile < 1:
-        raise ThresholdsError(f"thresholds.quantile={quantile} must lie strictly between 0 and 1 (0.005 is standard)")
-    if int(cfg.thresholds.block_images) < 1:
-        raise ThresholdsError(f"thresholds.block_images={cfg.thresholds.block_images} must be an integer >= 1")
+    section(cfg.thresholds, ThresholdsSettings)
 
 
 def run(cfg: DictConfig) -> Path:

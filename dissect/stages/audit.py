@@ -77,6 +77,7 @@ from dissect.artifacts import open_activations, write_json_atomic
 from dissect.errors import DissectError
 from dissect.layout import RunLayout
 from dissect.models import load_model
+from dissect.settings import AuditSettings, section
 from dissect.stamps import is_current, stamp_digest, start, write_stamp
 
 log = logging.getLogger(__name__)
@@ -353,19 +354,9 @@ def audited_layers(store: zarr.Group, requested: list[str]) -> list[str]:
     return requested
 
 
-def check_settings(nearly_dead_share: float, always_on_share: float, bins: int) -> None:
-    """Refuse shares outside [0, 1] and a histogram without bins."""
-    for key, value in (("nearly_dead_share", nearly_dead_share), ("always_on_share", always_on_share)):
-        if not 0 <= value <= 1:
-            raise AuditError(f"audit.{key}={value} must lie between 0 and 1")
-    if bins < 1:
-        raise AuditError(f"audit.histogram_bins={bins} must be a positive number")
-
-
 def check(cfg: DictConfig) -> None:
     """Refuse bad audit settings before any stage runs."""
-    check_settings(float(cfg.audit.nearly_dead_share), float(cfg.audit.always_on_share),
-                   int(cfg.audit.histogram_bins))
+    section(cfg.audit, AuditSettings)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -374,10 +365,9 @@ def run(cfg: DictConfig) -> Path:
     run_dir = layout.root
     store = open_activations(run_dir)
     layers = audited_layers(store, [str(name) for name in cfg.layers])
-    nearly_dead_share = float(cfg.audit.nearly_dead_share)
-    always_on_share = float(cfg.audit.always_on_share)
-    bins = int(cfg.audit.histogram_bins)
-    check_settings(nearly_dead_share, always_on_share, bins)
+    audit_settings = section(cfg.audit, AuditSettings)
+    nearly_dead_share, always_on_share = audit_settings.nearly_dead_share, audit_settings.always_on_share
+    bins = audit_settings.histogram_bins
     settings = {"layers": layers, "nearly_dead_share": nearly_dead_share, "always_on_share": always_on_share,
                 "histogram_bins": bins}
     inputs = {"settings": settings, "extract": stamp_digest(layout.stamp("extract"), "extract")}

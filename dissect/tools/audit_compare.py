@@ -1,6 +1,6 @@
 """Compare the audits of several checkpoints of one model side by side.
 
-    python -m dissect.audit_compare NAME=RUN_DIR NAME=RUN_DIR ... [--out table.csv]
+    python -m dissect.tools.audit_compare NAME=RUN_DIR NAME=RUN_DIR ... [--out table.csv]
 
 Each RUN_DIR is a run directory whose audit stage has finished
 (``<RUN_DIR>/audit/audit.json``); the checkpoints are compared in the order
@@ -10,7 +10,7 @@ the previous checkpoint ``died`` (units dead now that were not dead before) and
 ``came_back`` (units dead before that fire now); the first checkpoint has no
 previous one (<NA>). Below the table it says which checkpoint looks unhealthy
 and why: the largest dead share of any layer when it reaches
-``dissect.audit.DEAD_SHARE_WARNING``, and every checkpoint with noisy
+``dissect.stages.audit.DEAD_SHARE_WARNING``, and every checkpoint with noisy
 first-layer filters.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from dissect.artifacts import read_json
-from dissect.audit import DEAD_SHARE_WARNING
+from dissect.stages.audit import DEAD_SHARE_WARNING
 from dissect.layout import RunLayout
 from dissect.errors import DissectError
 
@@ -108,7 +108,7 @@ def parse_pairs(pairs: list[str]) -> tuple[list[str], list[Path]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the comparison table and the health remarks; write the table to --out when given."""
-    parser = argparse.ArgumentParser(prog="python -m dissect.audit_compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dissect.tools.audit_compare", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="NAME=RUN_DIR", help="a checkpoint's name and its run directory")
     parser.add_argument("--out", type=Path, help="write the table to this CSV file")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Demonstration: a learning rate far too high leaves dead ReLU units, and the audit finds them.
 
-    python -m dissect.audit_demo [--data data/synthetic_broden] [--epochs 3] [--n-images 3000] [--size 224]
+    python -m dissect.tools.audit_demo [--data data/synthetic_broden] [--epochs 3] [--n-images 3000] [--size 224]
                                  [--lrs 0.003 0.3] [--out results/audit-demo] [--seed 0] [--batch-size 64]
 
 The embedded architecture (``dissect.embedded_model.SmallCNN``) is trained once
@@ -11,7 +11,7 @@ pixels. Each checkpoint goes to ``<out>/lr-<value>/model.pt`` (with
 ``training.json``), and that run directory is then extracted and audited with
 the project's real configuration (``model=default`` with this checkpoint, the
 whole probe set, the model's default layers). The audits are printed side by
-side (``dissect.audit_compare``) with each model's verdict and the time taken.
+side (``dissect.tools.audit_compare``) with each model's verdict and the time taken.
 
 A run directory whose ``training.json`` matches the settings is reused (its
 extract and audit are skipped when complete); one trained with other settings
@@ -32,13 +32,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from data_prep.train_embedded import PREPROCESSING, LabelledImages, accuracy, load_labelled_images, train
-from dissect import audit, extract
+from dissect.stages import audit, extract
 from dissect.artifacts import read_json, write_json_atomic
-from dissect.audit_compare import compare, health_remarks
+from dissect.tools.audit_compare import compare, health_remarks
 from dissect.layout import RunLayout
 from dissect.probe import Preprocessing
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 #: Must match conf/model/default.yaml (mean, std).
 MEAN, STD = PREPROCESSING.mean, PREPROCESSING.std
 
@@ -146,7 +146,7 @@ def report(table: pd.DataFrame, remarks: list[str], run_dirs: list[Path]) -> str
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demonstration and print the audits side by side with the time taken."""
-    parser = argparse.ArgumentParser(prog="python -m dissect.audit_demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dissect.tools.audit_demo", description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/synthetic_broden"))
     parser.add_argument("--out", type=Path, default=Path("results/audit-demo"))
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 0.3])

@@ -44,6 +44,7 @@ from dissect.broden import CATEGORIES, IMAGE_CATEGORIES, PIXEL_CATEGORIES, Brode
 from dissect.cluster import dask_client
 from dissect.errors import DissectError
 from dissect.layout import RunLayout
+from dissect.settings import TallySettings, section
 from dissect.stamps import is_current, stamp_digest, start, write_stamp
 from dissect.upsample import fired_masks, float32_below
 
@@ -143,10 +144,7 @@ def iou_matrix(intersection: np.ndarray, activation: np.ndarray, truth: np.ndarr
 
 def check(cfg: DictConfig) -> None:
     """Refuse bad tally settings before any stage runs."""
-    if not 0 <= float(cfg.tally.iou_threshold) < 1:
-        raise TallyError(f"tally.iou_threshold={cfg.tally.iou_threshold} must lie in [0, 1) (0.04 is standard)")
-    if int(cfg.tally.block_images) < 1:
-        raise TallyError(f"tally.block_images={cfg.tally.block_images} must be an integer >= 1")
+    section(cfg.tally, TallySettings)
 
 
 def run(cfg: DictConfig) -> Path:

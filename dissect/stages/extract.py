@@ -48,6 +48,7 @@ from dissect.layers import LayerRecorder, get_layer, layer_kind
 from dissect.layout import RunLayout
 from dissect.models import LoadedModel, load_model
 from dissect.probe import Preprocessing, ProbeImages, ProbeSet, open_probe_set
+from dissect.settings import ExtractSettings, section
 from dissect.stamps import write_stamp
 
 log = logging.getLogger(__name__)
@@ -149,13 +150,11 @@ class ExtractProgress:
 
 def check(cfg: DictConfig) -> None:
     """Refuse bad extract settings before any stage runs (no disk or model access)."""
-    device = pick_device(str(cfg.extract.device), "extract.device")
-    loader_workers(cfg.extract.num_workers, device)
+    settings = section(cfg.extract, ExtractSettings)
+    pick_device(settings.device, "extract.device")
     layer_names = [str(name) for name in cfg.layers]
     if not layer_names or len(set(layer_names)) != len(layer_names):
         raise ExtractError(f"layers={layer_names} must name at least one layer, each once")
-    if int(cfg.extract.batch_size) < 1:
-        raise ExtractError(f"extract.batch_size={cfg.extract.batch_size} must be an integer >= 1")
 
 
 def run(cfg: DictConfig) -> Path:
@@ -303,13 +302,7 @@ def loader_workers(requested: int | str, device: torch.device) -> int:
     """
     if requested == "auto":
         return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
-    try:
-        workers = int(requested)
-    except ValueError:
-        workers = -1
-    if workers < 0:
-        raise ExtractError(f"extract.num_workers={requested} must be auto or a number >= 0")
-    return workers
+    return int(requested)  # checked by ExtractSettings
 
 
 def _layer_rows(spec: LayerSpec, output: torch.Tensor, failed: np.ndarray) -> dict[str, np.ndarray]:

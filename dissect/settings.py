@@ -1,0 +1,198 @@
+"""Typed settings: the schema of ``conf/config.yaml``, one dataclass per stage section.
+
+The dataclasses are registered in Hydra's ConfigStore as ``schema``, the first
+entry of the config's defaults list, so the configuration layer itself refuses
+a misspelled key or a value of the wrong type and names the key
+(``python -m dissect`` prints it in one line). The values, and the comments
+that explain them, live in ``conf/config.yaml``; the types live here, and so do
+the value rules that types cannot express (``__post_init__``, raising
+``ConfigError`` naming the key and what is allowed). A stage reads its section
+with ``section(cfg.<stage>, <Settings>)``, which runs those rules.
+
+The ``model`` and ``dataset`` groups are checked where they are used
+(``dissect.models``, ``dissect.probe``): their keys depend on the source and
+kind. The ``attribute`` section is typed here and validated by the attribute
+stage's ``read_settings``, which also fills the keys left null from its device
+defaults.
+"""
+
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dissect.errors import ConfigError
+
+Settings = TypeVar("Settings")
+
+
+def require(section: str, rules: list[tuple[str, Any, bool, str]]) -> None:
+    """Raise ConfigError for the first (key, value, ok, allowed) rule that fails."""
+    for key, value, ok, allowed in rules:
+        if not ok:
+            raise ConfigError(f"{section}.{key}={value!r} is not allowed; it must be {allowed}")
+
+
+@dataclass
+class ExtractSettings:
+    batch_size: int = MISSING
+    num_workers: Any = MISSING  # auto, or a number
+    chunk_mib: float = MISSING
+    device: str = MISSING
+    amp: bool = MISSING
+
+    def __post_init__(self) -> None:
+        workers_ok = self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0)
+        require("extract", [("batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1"),
+                            ("num_workers", self.num_workers, workers_ok, "auto or an integer >= 0"),
+                            ("chunk_mib", self.chunk_mib, self.chunk_mib > 0, "a number > 0")])
+
+
+@dataclass
+class ThresholdsSettings:
+    quantile: float = MISSING
+    block_images: int = MISSING
+
+    def __post_init__(self) -> None:
+        require("thresholds", [("quantile", self.quantile, 0 < self.quantile < 1,
+                                "strictly between 0 and 1 (0.005 is standard)"),
+                               ("block_images", self.block_images, self.block_images >= 1, "an integer >= 1")])
+
+
+@dataclass
+class TallySettings:
+    iou_threshold: float = MISSING
+    block_images: int = MISSING
+    strict: bool = MISSING
+
+    def __post_init__(self) -> None:
+        require("tally", [("iou_threshold", self.iou_threshold, 0 <= self.iou_threshold < 1,
+                           "in [0, 1) (0.04 is standard)"),
+                          ("block_images", self.block_images, self.block_images >= 1, "an integer >= 1")])
+
+
+@dataclass
+class TopkSettings:
+    k: int = MISSING
+
+    def __post_init__(self) -> None:
+        require("topk", [("k", self.k, self.k >= 1, "an integer >= 1")])
+
+
+@dataclass
+class AuditSettings:
+    nearly_dead_share: float = MISSING
+    always_on_share: float = MISSING
+    histogram_bins: int = MISSING
+
+    def __post_init__(self) -> None:
+        require("audit", [("nearly_dead_share", self.nearly_dead_share, 0 <= self.nearly_dead_share <= 1,
+                           "a share in [0, 1]"),
+                          ("always_on_share", self.always_on_share, 0 <= self.always_on_share <= 1,
+                           "a share in [0, 1]"),
+                          ("histogram_bins", self.histogram_bins, self.histogram_bins >= 1, "an integer >= 1")])
+
+
+#: Fewest images a representation map is drawn from.
+MIN_EMBED_IMAGES = 4
+
+
+@dataclass
+class EmbedSettings:
+    layer: str = MISSING
+    pca_components: int = MISSING
+    perplexity: float = MISSING
+    n_neighbors: int = MISSING
+    min_dist: float = MISSING
+    seed: int = MISSING
+    trustworthiness_sample: int = MISSING
+    trustworthiness_neighbors: int = MISSING
+    thumbnail_grid: int = MISSING
+    queries: int = MISSING
+    neighbours: int = MISSING
+
+    def __post_init__(self) -> None:
+        require("embed", [
+            ("pca_components", self.pca_components, self.pca_components >= 2, "an integer >= 2"),
+            ("perplexity", self.perplexity, self.perplexity > 0, "a number > 0 (5 to 50 is usual)"),
+            ("n_neighbors", self.n_neighbors, self.n_neighbors >= 2, "an integer >= 2"),
+            ("min_dist", self.min_dist, 0 <= self.min_dist <= 1, "a number in [0, 1]"),
+            ("seed", self.seed, 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
+            ("trustworthiness_sample", self.trustworthiness_sample, self.trustworthiness_sample >= MIN_EMBED_IMAGES,
+             f"an integer >= {MIN_EMBED_IMAGES}"),
+            ("trustworthiness_neighbors", self.trustworthiness_neighbors, self.trustworthiness_neighbors >= 1,
+             "an integer >= 1"),
+            ("thumbnail_grid", self.thumbnail_grid, self.thumbnail_grid >= 1, "an integer >= 1"),
+            ("queries", self.queries, self.queries >= 1, "an integer >= 1"),
+            ("neighbours", self.neighbours, self.neighbours >= 1, "an integer >= 1")])
+
+
+@dataclass
+class AttributeSection:
+    """Types only; ``dissect.stages.attribute.read_settings`` holds the value rules and the device defaults."""
+
+    units: str = MISSING
+    top_units: int | None = MISSING
+    unit_label: str | None = MISSING
+    unit_pairs: list[Any] = MISSING
+    images_per_unit: int | None = MISSING
+    class_target: Any = MISSING  # predicted, a class index, or null
+    class_images: Any = MISSING  # a number of images, or a list of image ids
+    methods: Any = MISSING  # all, or a list of method names
+    grad_cam_layer: str | None = MISSING
+    ig_steps: int | None = MISSING
+    ig_internal_batch: int = MISSING
+    occlusion_window: int = MISSING
+    occlusion_stride: int | None = MISSING
+    lime_segments: int = MISSING
+    lime_samples: int | None = MISSING
+    batch_size: int = MISSING
+    randomisation_pairs: int | None = MISSING
+    randomisation_steps: int | None = MISSING
+    max_correlation: float = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    device_defaults: dict[str, dict[str, Any]] = MISSING
+
+
+@dataclass
+class ClusterSettings:
+    address: str | None = MISSING
+    n_workers: int = MISSING
+    threads_per_worker: int | None = MISSING
+
+
+@dataclass
+class Config:
+    """The whole configuration of ``python -m dissect``."""
+
+    model: Any = MISSING
+    dataset: Any = MISSING
+    cluster: ClusterSettings = MISSING
+    layers: list[str] = MISSING
+    run_name: str = MISSING
+    out_dir: str = MISSING
+    stages: Any = MISSING  # all, or a list of stage names
+    extract: ExtractSettings = MISSING
+    thresholds: ThresholdsSettings = MISSING
+    tally: TallySettings = MISSING
+    topk: TopkSettings = MISSING
+    audit: AuditSettings = MISSING
+    embed: EmbedSettings = MISSING
+    attribute: AttributeSection = MISSING
+
+
+def section(values: DictConfig | dict, settings_type: type[Settings]) -> Settings:
+    """A config section as its typed dataclass, its value rules checked; errors name the key."""
+    try:
+        if isinstance(values, DictConfig):  # resolve interpolations such as ${model.embed_layer} in place
+            values = OmegaConf.to_container(values, resolve=True)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(settings_type), values))
+    except OmegaConfBaseException as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ConfigError(f"configuration error: {' '.join(lines[:3])}") from error
+
+
+ConfigStore.instance().store(name="schema", node=Config)

@@ -1,0 +1,231 @@
+"""The attribute stage: attribution maps of selected units and output classes, with two trust checks.
+
+What is explained. A *unit* u of layer L is explained on its top-k probe images
+(``<layer>/topk.csv``) with the target "u's maximum activation over its map":
+``UnitMaxima`` runs the model up to L (a forward hook stops the forward pass
+there) and returns the (N, U) spatial maxima, so every Captum method sees an
+ordinary output index. An output *class* is explained on chosen images, the
+target being the model's predicted class or a class index from the config.
+Many (target, image) pairs go through one Captum call (inputs (B, 3, S, S),
+targets (B,)), in chunks of ``attribute.batch_size`` pairs; LIME alone is
+called per image (Captum fits one linear model per image in any case), with
+the same seed, so that its maps do not depend on the batch.
+
+Methods (all from Captum; this module is glue) and the map each one stores,
+(S, S) per pair:
+
+=====================  ====================================================  ========
+method                 Captum                                                map
+=====================  ====================================================  ========
+saliency               Saliency (abs=True)                                   sum_c |grad|
+input_x_gradient       InputXGradient                                        sum_c, signed
+deconvolution          Saliency under GuidedReLUs("deconvolution")           sum_c |.|
+guided_backprop        Saliency under GuidedReLUs("guided_backprop")         sum_c |.|
+grad_cam               LayerGradCam (ReLU'd), LayerAttribution.interpolate   >= 0
+guided_grad_cam        guided_backprop x grad_cam (bilinear), as Captum's    sum_c |.|
+integrated_gradients   IntegratedGradients (Gauss-Legendre, black baseline)  sum_c, signed
+occlusion              Occlusion (window x window, black baseline)           signed
+lime                   Lime per image on SLIC superpixels, linear fit        signed
+=====================  ====================================================  ========
+
+"Black baseline" is the normalised image of zero pixels. Occlusion and LIME
+features span the three channels, so their map is the (shared) per-pixel value.
+Grad-CAM runs at ``attribute.grad_cam_layer``: by default the unit's own layer
+for units and the last Conv2d for classes.
+
+Guided methods (deconvolution, guided_backprop, guided_grad_cam) replace the
+backward pass of every ReLU. Captum does that with hooks on ``nn.ReLU``
+modules, which miss ``F.relu`` (GoogLeNet, DenseNet) and mix the calls of a
+reused module (ResNet blocks), so the rules are applied here to the ReLU
+*functions* instead, call by call (``dissect.guided_relu``). ``prepare_model``
+works on a copy of the model with every ``inplace=True`` turned off.
+
+Outputs in ``<out_dir>/attribute/``:
+
+- ``pairs.csv``: pair, kind (unit|class), layer (empty for classes), target
+  (unit or class index), image_index, image_id, rank (top-k rank for units,
+  order of the chosen images for classes), grad_cam_layer, score (the unit's
+  maximum or the class logit on the image).
+- ``maps.zarr``: per method an array ``<method>`` (pairs, S, S) float16 holding
+  each map divided by its largest absolute value, and ``scale/<method>``
+  (pairs,) float32 with that value (0 for an all-zero map); the raw map is
+  ``maps[method][p] * scale[method][p]``. Float16 keeps 3 significant digits
+  relative to each map's peak, whatever the method's units.
+- ``strips/<layer>/unit_<u:05d>.png`` (rows: the unit's images; columns: the
+  image, then each method's map over it) and
+  ``strips/classes/image_<index:06d>_class_<c>.png`` (one row per class pair).
+- ``agreement.csv`` (Broden probe sets): for each selected unit labelled with
+  concept c (``layers/<layer>/tally.csv``), per method, the share of the map's
+  *positive* mass inside c's mask on the unit's top images (mean over images
+  with positive mass) against the chance share (the mask's area share on the
+  same images).
+- ``randomisation.csv``: the parameter-randomisation check of Adebayo et al.
+  (2018). Parameterised modules are re-initialised (``reset_parameters``,
+  seeded) cascading from the last one called in the forward pass down to the
+  first; after each of ``randomisation_steps`` stages of the cascade the maps
+  of up to ``randomisation_pairs`` pairs are recomputed and compared with the
+  trained model's by the Spearman rank correlation of their absolute values
+  (mean and standard deviation over the pairs whose trained map is not
+  constant; a randomised map that became constant counts 0).
+- ``attribute.json``: settings, conventions, timings, agreement per method,
+  final randomisation correlations and the methods flagged because their maps
+  barely change once every layer is randomised (correlation above
+  ``max_correlation``).
+- the stage's stamp, written last (inputs: the settings, the model, the probe
+  set, the layers, ``tally.iou_threshold`` and the tally and topk stamps of
+  every layer), so a new tally or new top-k images re-run the stage.
+"""
+
+from dissect.stages.attribute.checks import (
+    agreement_table,
+    cascade_modules,
+    concept_mask,
+    positive_share_inside,
+    randomisation_check,
+    spearman_abs,
+)
+from dissect.stages.attribute.errors import AttributionError
+from dissect.stages.attribute.methods import (
+    ABSOLUTE_METHODS,
+    CAPTUM_NOISE,
+    GUIDED_METHODS,
+    MAP_CONVENTIONS,
+    METHOD_TABLE,
+    METHODS,
+    Batch,
+    Method,
+    MethodSettings,
+    PairBatch,
+    attribution_maps,
+    black_baseline,
+    compute_maps,
+    grad_cam,
+    guided_gradient,
+    lime,
+    lime_maps,
+    model_passes,
+    occlusion,
+    occlusion_passes,
+    pair_batches,
+    read_maps,
+    stored_form,
+    superpixels,
+)
+from dissect.stages.attribute.model import (
+    Explained,
+    PreparedModel,
+    UnitMaxima,
+    call_counts,
+    check_grad_cam_layers,
+    explained,
+    forward_order,
+    last_conv,
+    prepare_model,
+)
+from dissect.stages.attribute.pairs import (
+    build_pairs,
+    class_image_indices,
+    load_images,
+    predicted_classes,
+    scores,
+    select_units,
+    unit_pair_rows,
+)
+from dissect.stages.attribute.settings import (
+    DEVICE_DEFAULT_KEYS,
+    DEVICE_DEFAULTS,
+    SETTING_KEYS,
+    UNIT_SELECTIONS,
+    AttributeSettings,
+    read_settings,
+)
+from dissect.stages.attribute.stage import (
+    FORMAT,
+    check,
+    cost_sentence,
+    drop_undefined_guided_methods,
+    open_maps,
+    run,
+    stage_inputs,
+    summary,
+    write_method,
+)
+from dissect.stages.attribute.strips import (
+    GAP,
+    HEADER,
+    TILE,
+    heat_overlay,
+    strip_image,
+    write_strips,
+)
+
+__all__ = [
+    "ABSOLUTE_METHODS",
+    "AttributeSettings",
+    "AttributionError",
+    "Batch",
+    "CAPTUM_NOISE",
+    "DEVICE_DEFAULTS",
+    "DEVICE_DEFAULT_KEYS",
+    "Explained",
+    "FORMAT",
+    "GAP",
+    "GUIDED_METHODS",
+    "HEADER",
+    "MAP_CONVENTIONS",
+    "METHODS",
+    "METHOD_TABLE",
+    "Method",
+    "MethodSettings",
+    "PairBatch",
+    "PreparedModel",
+    "SETTING_KEYS",
+    "TILE",
+    "UNIT_SELECTIONS",
+    "UnitMaxima",
+    "agreement_table",
+    "attribution_maps",
+    "black_baseline",
+    "build_pairs",
+    "call_counts",
+    "cascade_modules",
+    "check",
+    "check_grad_cam_layers",
+    "class_image_indices",
+    "compute_maps",
+    "concept_mask",
+    "cost_sentence",
+    "drop_undefined_guided_methods",
+    "explained",
+    "forward_order",
+    "grad_cam",
+    "guided_gradient",
+    "heat_overlay",
+    "last_conv",
+    "lime",
+    "lime_maps",
+    "load_images",
+    "model_passes",
+    "occlusion",
+    "occlusion_passes",
+    "open_maps",
+    "pair_batches",
+    "positive_share_inside",
+    "predicted_classes",
+    "prepare_model",
+    "randomisation_check",
+    "read_maps",
+    "read_settings",
+    "run",
+    "scores",
+    "select_units",
+    "spearman_abs",
+    "stage_inputs",
+    "stored_form",
+    "strip_image",
+    "summary",
+    "superpixels",
+    "unit_pair_rows",
+    "write_method",
+    "write_strips",
+]
