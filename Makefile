@@ -58,7 +58,7 @@ $(SYNTHETIC)/index.csv: | $(STAMP)
 model: $(EMBEDDED)/model.pt
 
 # Retrained when the recipe or the architecture changes.
-$(EMBEDDED)/model.pt: $(SYNTHETIC)/index.csv data_prep/train_embedded.py dissect/embedded_model.py
+$(EMBEDDED)/model.pt: $(SYNTHETIC)/index.csv dissect/embedded_training.py dissect/embedded_model.py
 	$(BIN)/python -m data_prep train-embedded --data $(SYNTHETIC) --out $(EMBEDDED)
 
 benchmarks: $(STAMP) $(EMBEDDED)/model.pt

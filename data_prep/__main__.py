@@ -15,7 +15,7 @@ from pathlib import Path
 
 from data_prep.broden_download import SIZES, DownloadError, download
 from data_prep.synthetic_broden import LABELS, generate, is_complete
-from data_prep.train_embedded import EPOCHS, train_embedded
+from dissect.embedded_training import EPOCHS, train_embedded
 from data_prep.verify_broden import verify
 from dissect.broden import BrodenDataset
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from data_prep.synthetic_broden import generate
-from data_prep.train_embedded import train_embedded
+from dissect.embedded_training import train_embedded
 from dissect.embedded_model import SmallCNN
 from dissect.layout import RunLayout
 from dissect.pipeline import run_pipeline

@@ -5,7 +5,7 @@
 
 The embedded architecture (``dissect.embedded_model.SmallCNN``) is trained once
 per learning rate with the embedded model's own recipe
-(``data_prep.train_embedded.train``: AdamW, one-cycle schedule, same seed) on
+(``dissect.embedded_training.train``: AdamW, one-cycle schedule, same seed) on
 the first ``--n-images`` images of the generated probe set, at ``--size``
 pixels. Each checkpoint goes to ``<out>/lr-<value>/model.pt`` (with
 ``training.json``), and that run directory is then extracted and audited with
@@ -31,7 +31,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from data_prep.train_embedded import PREPROCESSING, LabelledImages, accuracy, load_labelled_images, train
+from dissect.embedded_training import PREPROCESSING, LabelledImages, accuracy, load_labelled_images, train
 from dissect.stages import audit, extract
 from dissect.artifacts import read_json, write_json_atomic
 from dissect.tools.audit_compare import compare, health_remarks

@@ -49,7 +49,7 @@ def select_units(layout: RunLayout, layers: list[str], settings: AttributeSettin
             table = table[table["iou"] > iou_threshold].sort_values(["iou", "unit"], ascending=[False, True],
                                                                      kind="stable").head(settings.top_units)
         else:
-            table = table[table["label"] == settings.unit_label]
+            table = table[table["label"] == settings.unit_label].sort_values("unit", kind="stable")
         selected += [(layer, int(unit)) for unit in table["unit"]]
     if settings.units == "top" and not any(layout.tally_csv(layer).exists() for layer in layers):
         raise AttributionError(f"attribute.units=top: no layer of {layers} has a tally.csv in {layout.root}; "
