@@ -12,9 +12,10 @@ alike:
 - no stamp -> run (outputs without a stamp were never finished, whatever they hold);
 - other inputs -> say which ones changed and run again, replacing the outputs.
   Right before it overwrites the first output the stage calls ``start``, which
-  removes the stamp, so that outputs being replaced are never taken for
-  current if the run is killed (a run refused before that point, for a bad
-  input, leaves the finished outputs and their stamp as they were).
+  removes the stamp and the report's index page, so that outputs being
+  replaced are never taken or shown as current if the run is killed (a run
+  refused before that point, for a bad input, leaves the finished outputs,
+  their stamp and the report as they were).
 
 Because a downstream stage's inputs hold its upstream stamps' digests, new
 thresholds change the tally's and topk's inputs, a new tally changes the
@@ -30,6 +31,7 @@ from typing import Any
 
 from dissect.artifacts import read_json, write_json_atomic
 from dissect.errors import ArtifactError
+from dissect.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,17 @@ def is_current(path: Path, inputs: dict[str, Any], version: int, what: str) -> b
     return False
 
 
-def start(path: Path) -> None:
-    """Remove the stamp at ``path`` before the outputs it vouches for are overwritten."""
-    path.unlink(missing_ok=True)
+def start(layout: RunLayout, stage: str, layer: str | None = None) -> None:
+    """Remove a stage's stamp before the outputs it vouches for are overwritten, and the report that shows them.
+
+    The report is rebuilt by the report stage; until then no page presents
+    the outputs being replaced as current.
+    """
+    layout.stamp(stage, layer).unlink(missing_ok=True)
+    if layout.report_index.exists():
+        layout.report_index.unlink()
+        log.info("report: %s removed while %s is replaced; the report stage rebuilds it (stages=[report])",
+                 layout.report_index, stage)
 
 
 def write_stamp(path: Path, inputs: dict[str, Any], version: int) -> str:

@@ -92,3 +92,17 @@ def test_a_stage_killed_before_its_stamp_runs_again(probe, tiny_checkpoint, tmp_
     after = stamps(layout)
     # redone from the same inputs, the topk stamp has the same digest: the attribute stage stays current
     assert {stage for stage in before if after[stage] != before[stage]} == {"topk"}
+
+
+def test_a_stage_run_alone_removes_the_report_that_showed_its_old_outputs(probe, tiny_checkpoint, tmp_path,
+                                                                          compose_config):
+    layout = RunLayout(tmp_path / "run")
+    base = overrides(probe, layout.root, tiny_checkpoint)
+    run_pipeline(compose_config(base))
+    assert layout.report_index.is_file()
+    run_pipeline(compose_config(base + ["stages=[report]"]))  # nothing replaced: the report stays
+    assert layout.report_index.is_file()
+    run_pipeline(compose_config(base + ["topk.k=2", "stages=[topk]"]))
+    assert not layout.report_index.exists(), "the old report would show the k=4 strips as current"
+    run_pipeline(compose_config(base + ["topk.k=2", "stages=[report]"]))
+    assert layout.report_index.is_file()

@@ -380,7 +380,7 @@ def run(cfg: DictConfig) -> Path:
     if stored_model is not None and stored_model != loaded.description:
         raise AuditError(f"the activations in {run_dir} come from the model {stored_model}, not from the configured "
                          f"{loaded.description}; audit with the model config used for extract")
-    start(layout.stamp("audit"))
+    start(layout, "audit")
     tables, summaries = [], []
     for layer in layers:
         tally = layer_tally(store, layer)

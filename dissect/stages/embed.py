@@ -121,7 +121,7 @@ def run(cfg: DictConfig) -> Path:
     if n_valid < MIN_EMBED_IMAGES or n_features < 2:
         raise EmbedError(f"embed needs at least {MIN_EMBED_IMAGES} valid images and 2 features; layer "
                          f"{settings.layer!r} has {n_valid} valid images and {n_features} features")
-    start(layout.stamp("embed"))
+    start(layout, "embed")
     out.mkdir(parents=True, exist_ok=True)
     features, rows = finite_rows(features, rows, settings.layer)
     n_images = len(features)

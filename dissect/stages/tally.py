@@ -173,7 +173,7 @@ def run(cfg: DictConfig) -> Path:
                                         for n in range(1, len(broden.labels) + 1)])
     write_skipped(layout.skipped_masks, skipped, broden)
     for layer in todo:
-        start(layout.stamp("tally", layer))
+        start(layout, "tally", layer)
         iou = iou_matrix(totals[f"intersection/{layer}"], totals[f"activation/{layer}"], totals["truth"],
                          label_categories)
         write_layer_results(layout, layer, iou, broden, label_categories, float(cfg.tally.iou_threshold), {

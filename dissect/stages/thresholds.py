@@ -111,7 +111,7 @@ def run(cfg: DictConfig) -> Path:
             for layer, inputs in todo.items():
                 thresholds = layer_thresholds(client, layout.activations, layer, quantile,
                                               int(cfg.thresholds.block_images))
-                start(layout.stamp("thresholds", layer))
+                start(layout, "thresholds", layer)
                 write_thresholds(layout, layer, thresholds, quantile, store)
                 write_stamp(layout.stamp("thresholds", layer), inputs, FORMAT)
     return layout.root

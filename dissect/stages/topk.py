@@ -120,7 +120,7 @@ def run(cfg: DictConfig) -> Path:
     load_image = lru_cache(maxsize=256)(lambda index: np.asarray(Image.open(probe.image_paths[index]).convert("RGB")))
     for layer, inputs in todo.items():
         field = receptive_field(loaded.module, get_layer(loaded.module, layer), loaded.input_size)
-        start(layout.stamp("topk", layer))
+        start(layout, "topk", layer)
         layer_topk(layout, store, layer, field, loaded.input_size, int(cfg.topk.k), load_image, probe.image_ids)
         write_stamp(layout.stamp("topk", layer), inputs, FORMAT)
     return layout.root

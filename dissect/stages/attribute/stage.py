@@ -169,7 +169,7 @@ def run(cfg: DictConfig) -> Path:
     pairs, images = build_pairs(layout, cfg, settings, model, preprocessing, probe.image_paths, probe.image_ids,
                                 valid, example, device)
     log.info("attribute: %s", cost_sentence(settings, pairs, loaded.input_size))
-    start(layout.stamp("attribute"))
+    start(layout, "attribute")
     maps = open_maps(layout, key)
     pairs.to_csv(layout.attribute_pairs_csv, index=False)
     method_settings = settings.method_settings()
