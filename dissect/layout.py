@@ -31,6 +31,8 @@ from pathlib import Path
 LAYERS = "layers"
 #: The 2-D layouts of the embed stage, in the order they are made and shown.
 EMBED_METHODS = ("tsne", "umap")
+#: How the pictures and the report name each layout.
+EMBED_METHOD_TITLES = {"tsne": "t-SNE", "umap": "UMAP"}
 
 
 def layer_page_name(layer: str) -> str:

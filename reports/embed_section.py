@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from dissect.artifacts import read_json
-from dissect.layout import EMBED_METHODS, RunLayout
+from dissect.layout import EMBED_METHOD_TITLES, EMBED_METHODS, RunLayout
 from reports.links import relative
-
-METHOD_TITLES = {"tsne": "t-SNE", "umap": "UMAP"}
 
 CAUTIONS = (
     "In a t-SNE map the sizes of clusters and the distances between clusters carry little meaning: t-SNE "
@@ -49,11 +47,11 @@ def render(run_dir: Path, report_dir: Path) -> str | None:
         "</ul>",
         trust_table(summary),
         *(figure(relative(layout.embed_picture("scatter", method), report_dir),
-                 f"{METHOD_TITLES[method]} of {settings['layer']}, coloured by each image's label (for a "
+                 f"{EMBED_METHOD_TITLES[method]} of {settings['layer']}, coloured by each image's label (for a "
                  "Broden probe set: its scene, else its largest object, else its texture)")
           for method in EMBED_METHODS),
         *(figure(relative(layout.embed_picture("thumbnails", method), report_dir),
-                 f"{METHOD_TITLES[method]} layout snapped to a {settings['thumbnail_grid']}x"
+                 f"{EMBED_METHOD_TITLES[method]} layout snapped to a {settings['thumbnail_grid']}x"
                  f"{settings['thumbnail_grid']} grid, one image per cell") for method in EMBED_METHODS),
         figure(relative(layout.embed_neighbours_png, report_dir),
                f"{used['queries']} query images (left) and their {used['neighbours']} nearest neighbours in "
@@ -88,7 +86,7 @@ def intro(summary: dict[str, Any]) -> str:
 def trust_table(summary: dict[str, Any]) -> str:
     """Trustworthiness of each layout (1 = every 2-D neighbour is a true neighbour) and the seconds it took."""
     trust, seconds = summary["trustworthiness"], summary["seconds"]
-    rows = "".join(f"<tr><td>{METHOD_TITLES[m]}</td><td>{trust[m]:.3f}</td>"
+    rows = "".join(f"<tr><td>{EMBED_METHOD_TITLES[m]}</td><td>{trust[m]:.3f}</td>"
                    f"<td>{seconds[m]:.1f}</td></tr>" for m in EMBED_METHODS)
     return (f"<table class=\"data\"><caption>Trustworthiness: {escape(trust['computed_on'])}</caption>"
             f"<tr><th>method</th><th>trustworthiness</th><th>seconds</th></tr>{rows}</table>")

@@ -306,7 +306,7 @@ def test_features_of_rank_one_are_laid_out_on_one_pca_component(tmp_path, image_
     features = with_inf(features, [7, 19])
     finite = np.isfinite(features).all(axis=1)
     with caplog.at_level("WARNING", logger="dissect.stages.embed"):
-        out = embed_features(tmp_path, image_folder, features, compose_config)
+        embed_features(tmp_path, image_folder, features, compose_config)
     messages = [r.getMessage() for r in caplog.records]
     assert sum("has only 1 informative dimensions" in m and "PCA keeps 1 of its 8 components" in m
                for m in messages) == 1

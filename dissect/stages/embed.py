@@ -78,7 +78,7 @@ from tqdm import tqdm
 from dissect.artifacts import open_activations, write_json_atomic
 from dissect.broden import BrodenDataset, BrodenFormatError
 from dissect.errors import DissectError
-from dissect.layout import EMBED_METHODS, RunLayout
+from dissect.layout import EMBED_METHOD_TITLES, EMBED_METHODS, RunLayout
 from dissect.probe import open_probe_set
 from dissect.settings import MIN_EMBED_IMAGES, EmbedSettings, section
 from dissect.stamps import is_current, stamp_digest, start, write_stamp
@@ -87,7 +87,6 @@ log = logging.getLogger(__name__)
 
 #: The version of this stage's output format.
 FORMAT = 1
-METHOD_TITLES = {"tsne": "t-SNE", "umap": "UMAP"}
 MAX_LABELS = 19  # labels with their own colour; the rest are drawn as 'other' (20 colours in all)
 THUMBNAIL_PX = 48  # side of one cell of the thumbnail maps
 NEIGHBOUR_PX = 96  # side of one image of neighbours.png
@@ -453,7 +452,7 @@ def draw_pictures(layout: RunLayout, paths: list[Path], image_ids: list[str], la
                   distances: np.ndarray, settings: EmbedSettings) -> None:
     """Write the scatter plots, the thumbnail maps and neighbours.png."""
     for method, coords in layouts.items():
-        title = f"{METHOD_TITLES[method]} of {settings.layer}"
+        title = f"{EMBED_METHOD_TITLES[method]} of {settings.layer}"
         save_scatter(layout.embed_picture("scatter", method), coords, labels, title)
         points, cells = grid_cells(coords, settings.thumbnail_grid, settings.seed)
         thumbnails = [load_thumbnail(paths[p], THUMBNAIL_PX)

@@ -149,6 +149,7 @@ def check(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> Path:
     """Tally every map layer of ``cfg.layers`` against the probe set's concepts; resume from kept block tallies."""
+    check(cfg)
     layout = RunLayout(Path(cfg.out_dir))
     run_dir = layout.root
     store = open_activations(run_dir)
