@@ -1,27 +1,243 @@
-"""The dask.distributed client the parallel stages run on.
+"""The dask.distributed cluster every parallel stage runs on (the ``cluster`` config group).
 
-By default an in-process local cluster (one worker, a thread per core, no set-up); with
-``cluster.address=tcp://host:port`` an existing dask.distributed cluster (for
-example one started on SLURM nodes with ``dask-scheduler``/``dask-worker``).
-Workers must see the run directory and the probe set at the same paths.
+- ``cluster=local`` (default): a ``LocalCluster`` on this machine, one in-process
+  worker by default (``cluster.processes=true cluster.n_workers=N`` for worker
+  processes);
+- ``cluster=slurm``: a ``dask_jobqueue.SLURMCluster`` built from the config,
+  scaled to ``jobs`` (or adapting up to ``maximum_jobs``), closed when the run ends;
+- ``cluster=address``: a running scheduler at ``cluster.address``;
+- ``cluster=cuda``: ``dask_cuda.LocalCUDACluster``, one worker per GPU (the
+  ``cuda`` extra).
+
+The pipeline opens one ``cluster_session`` for a whole run; the cluster itself
+is started only when the first stage asks for a client (``dask_client``), so a
+run of the report alone starts nothing. A stage run outside a session (a test,
+a notebook) gets a cluster of its own for the duration of its ``with`` block.
+The code that runs on the cluster does not care which kind it is. Workers must
+see the run directory and the probe set at the same paths as this process;
+``check_worker_paths`` says which worker cannot.
+
+Tasks that need a model keep it in their worker process (``worker_state``), so
+it is loaded once per worker, not once per task, and take ``device_lock`` so a
+worker with several threads runs one model pass at a time.
 """
 
+import importlib.util
+import logging
 import os
-from collections.abc import Iterator
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 from distributed import Client, LocalCluster
 from omegaconf import DictConfig
 
+from dissect.errors import ConfigError, DissectError
+from dissect.settings import (CLUSTER_KINDS, AddressClusterSettings, CudaClusterSettings, LocalClusterSettings,
+                              SlurmClusterSettings, section)
+
+log = logging.getLogger(__name__)
+
+ClusterSettings = LocalClusterSettings | SlurmClusterSettings | AddressClusterSettings | CudaClusterSettings
+State = TypeVar("State")
+
+
+class ClusterError(DissectError):
+    """The cluster cannot be started, reached, or used with this run's paths."""
+
+
+def cluster_settings(cluster_cfg: DictConfig | dict) -> ClusterSettings:
+    """The ``cluster`` section as the typed settings of its ``kind`` (ConfigError naming the key)."""
+    kind = cluster_cfg.get("kind")
+    if kind not in CLUSTER_KINDS:
+        raise ConfigError(f"cluster.kind={kind!r} is not allowed; it must be one of {', '.join(CLUSTER_KINDS)} "
+                          "(choose a file of conf/cluster/: cluster=local, cluster=slurm, ...)")
+    return section(cluster_cfg, CLUSTER_KINDS[kind])
+
+
+def slurm_cluster(settings: SlurmClusterSettings) -> Any:
+    """A ``dask_jobqueue.SLURMCluster`` from the settings (no job submitted until it is scaled)."""
+    from dask_jobqueue import SLURMCluster
+
+    directives = list(settings.job_extra_directives)
+    if settings.gpus_per_job:
+        directives.append(f"--gres=gpu:{settings.gpus_per_job}")
+    scheduler_options = {"dashboard_address": settings.dashboard_address}
+    if settings.scheduler_host:
+        scheduler_options["host"] = settings.scheduler_host
+    optional = {key: value for key, value in {
+        "queue": settings.queue, "account": settings.account, "local_directory": settings.local_directory,
+        "log_directory": settings.log_directory, "interface": settings.interface, "python": settings.python,
+    }.items() if value is not None}
+    return SLURMCluster(cores=settings.cores, memory=settings.memory, processes=settings.processes,
+                        walltime=settings.walltime, job_extra_directives=directives,
+                        job_script_prologue=list(settings.job_script_prologue),
+                        scheduler_options=scheduler_options, **optional)
+
+
+def cuda_cluster(settings: CudaClusterSettings) -> Any:
+    """A ``dask_cuda.LocalCUDACluster`` (ClusterError naming the extra when dask-cuda is missing)."""
+    if importlib.util.find_spec("dask_cuda") is None:
+        raise ClusterError("cluster=cuda needs dask-cuda, which is not installed; install the extra: "
+                           "pip install -e '.[cuda]' (or use cluster=local)")
+    from dask_cuda import LocalCUDACluster
+
+    optional = {key: value for key, value in {
+        "n_workers": settings.n_workers, "CUDA_VISIBLE_DEVICES": settings.visible_devices,
+        "local_directory": settings.local_directory}.items() if value is not None}
+    return LocalCUDACluster(threads_per_worker=settings.threads_per_worker, host=settings.host,
+                            dashboard_address=settings.dashboard_address, **optional)
+
+
+def local_cluster(settings: LocalClusterSettings) -> LocalCluster:
+    """A ``LocalCluster`` with the machine's cores shared out between its workers unless set."""
+    threads = settings.threads_per_worker or max(1, (os.cpu_count() or 1) // settings.n_workers)
+    network = {"host": settings.host} if settings.processes else {}  # one in-process worker talks in memory
+    return LocalCluster(n_workers=settings.n_workers, threads_per_worker=threads, processes=settings.processes,
+                        dashboard_address=settings.dashboard_address, **network)
+
+
+@contextmanager
+def open_client(settings: ClusterSettings) -> Iterator[Client]:
+    """Start (or reach) the cluster the settings describe, yield a client on it, close both at the end."""
+    if isinstance(settings, AddressClusterSettings):
+        try:
+            client = Client(settings.address, timeout="30s")
+        except OSError as error:
+            raise ClusterError(f"cluster.address={settings.address!r}: no dask scheduler answers there ({error}); "
+                               "start one, or use cluster=local") from error
+        with client:
+            log.info("cluster: connected to %s (%d workers)", settings.address, len(client.scheduler_info()["workers"]))
+            _log_dashboard(client)
+            yield client
+        return
+    if isinstance(settings, SlurmClusterSettings):
+        cluster = slurm_cluster(settings)
+        if settings.maximum_jobs is not None:
+            cluster.adapt(minimum_jobs=settings.jobs, maximum_jobs=settings.maximum_jobs)
+        else:
+            cluster.scale(jobs=settings.jobs)
+    elif isinstance(settings, CudaClusterSettings):
+        cluster = cuda_cluster(settings)
+    else:
+        cluster = local_cluster(settings)
+    with cluster, Client(cluster) as client:
+        log.info("cluster: %s", _describe(settings, cluster))
+        _log_dashboard(client)
+        if isinstance(settings, SlurmClusterSettings):
+            log.info("cluster: waiting for the first SLURM worker (at most %.0f s)", settings.wait_for_workers_s)
+            try:
+                client.wait_for_workers(1, timeout=settings.wait_for_workers_s)
+            except TimeoutError as error:
+                raise ClusterError(f"no SLURM worker joined within cluster.wait_for_workers_s="
+                                   f"{settings.wait_for_workers_s:g} s; check the jobs with squeue and their logs "
+                                   f"(cluster.log_directory)") from error
+        yield client
+
+
+def _describe(settings: ClusterSettings, cluster: Any) -> str:
+    if isinstance(settings, SlurmClusterSettings):
+        scaling = (f"adapting between {settings.jobs} and {settings.maximum_jobs} jobs" if settings.maximum_jobs
+                   else f"{settings.jobs} jobs")
+        return f"SLURM, {scaling} of {settings.processes} worker(s), scheduler {cluster.scheduler_address}"
+    workers = len(cluster.workers)
+    return f"{type(cluster).__name__} with {workers} worker(s) at {cluster.scheduler_address}"
+
+
+def _log_dashboard(client: Client) -> None:
+    """Print the dashboard's link when the scheduler serves one."""
+    services = client.scheduler_info().get("services", {})
+    if "dashboard" in services:
+        print(f"dask dashboard: {client.dashboard_link}", flush=True)
+
+
+class ClusterSession:
+    """The cluster of one pipeline run, started on first use and closed when the run ends."""
+
+    def __init__(self, cluster_cfg: DictConfig) -> None:
+        self.settings = cluster_settings(cluster_cfg)
+        self._opened: Any = None
+        self.client: Client | None = None
+
+    def get(self) -> Client:
+        """The run's client, starting the cluster the first time."""
+        if self.client is None:
+            self._opened = open_client(self.settings)
+            self.client = self._opened.__enter__()
+        return self.client
+
+    def close(self) -> None:
+        if self._opened is not None:
+            self._opened.__exit__(None, None, None)
+        self._opened = self.client = None
+
+
+_SESSION: ContextVar[ClusterSession | None] = ContextVar("cluster_session", default=None)
+
+
+@contextmanager
+def cluster_session(cluster_cfg: DictConfig) -> Iterator[ClusterSession]:
+    """Share one cluster between the stages run inside the ``with`` block (settings checked now)."""
+    session = ClusterSession(cluster_cfg)
+    token = _SESSION.set(session)
+    try:
+        yield session
+    finally:
+        _SESSION.reset(token)
+        session.close()
+
 
 @contextmanager
 def dask_client(cluster_cfg: DictConfig) -> Iterator[Client]:
-    """A client on ``cluster_cfg.address``, or on a new in-process LocalCluster when it is null."""
-    if cluster_cfg.address:
-        with Client(str(cluster_cfg.address)) as client:
-            yield client
+    """The run's client inside a ``cluster_session``; otherwise a cluster of its own, closed on exit."""
+    session = _SESSION.get()
+    if session is not None:
+        yield session.get()
         return
-    threads = cluster_cfg.threads_per_worker or os.cpu_count() or 1
-    with LocalCluster(n_workers=int(cluster_cfg.n_workers), threads_per_worker=int(threads),
-                      processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+    with open_client(cluster_settings(cluster_cfg)) as client:
         yield client
+
+
+def worker_count(client: Client) -> int:
+    """Workers connected now (at least 1, so that work is cut into at least one piece)."""
+    return max(1, len(client.scheduler_info()["workers"]))
+
+
+def _unreadable(paths: Sequence[str]) -> list[str]:
+    """The paths this process cannot read (runs on every worker)."""
+    return [path for path in paths if not os.access(path, os.R_OK)]
+
+
+def check_worker_paths(client: Client, paths: Sequence[Path | str]) -> None:
+    """Raise ClusterError naming the first worker (and its host) that cannot read one of ``paths``."""
+    wanted = [str(Path(path).resolve()) for path in paths]
+    missing_by_worker = client.run(_unreadable, wanted)
+    for worker, missing in sorted(missing_by_worker.items()):
+        if missing:
+            host = client.run(socket.gethostname, workers=[worker])[worker]
+            raise ClusterError(f"the dask worker {worker} on host {host} cannot read {missing[0]}: workers must see "
+                               "the run directory, the probe set and the checkpoint at the same paths as this "
+                               "process (a shared file system)")
+
+
+_STATE: dict[str, Any] = {}
+_STATE_LOCK = threading.Lock()
+_DEVICE_LOCK = threading.Lock()
+
+
+def worker_state(key: str, factory: Callable[[], State]) -> State:
+    """The value ``factory()`` built once per process for ``key`` (for example a loaded model)."""
+    with _STATE_LOCK:
+        if key not in _STATE:
+            _STATE.clear()  # one model per worker at a time: a new run's model replaces the last one
+            _STATE[key] = factory()
+        return _STATE[key]
+
+
+def device_lock() -> threading.Lock:
+    """The lock a task holds while it runs a model, so one worker process runs one model pass at a time."""
+    return _DEVICE_LOCK

@@ -5,7 +5,8 @@ the run directory and writes its own (see README). A stage module has
 ``run(cfg) -> Path`` and may have ``check(cfg) -> None``, which refuses bad
 settings without touching the disk: the runner calls the check of every
 selected stage before the first one runs, so a mistake in a late stage's
-settings costs nothing. Stage modules are imported only when selected (the
+settings costs nothing. The stages share one dask cluster
+(``dissect.cluster.cluster_session``), started when the first stage needs it. Stage modules are imported only when selected (the
 report does not import Captum, a run of one stage not the others).
 """
 
@@ -18,6 +19,7 @@ from types import ModuleType
 
 from omegaconf import DictConfig, ListConfig
 
+from dissect.cluster import cluster_session
 from dissect.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,9 +63,10 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Path]:
         if hasattr(module, "check"):
             module.check(cfg)
     outputs = {}
-    for name, module in modules.items():
-        log.info("stage %s", name)
-        started = time.perf_counter()
-        outputs[name] = module.run(cfg)
-        log.info("stage %s took %.1f s", name, time.perf_counter() - started)
+    with cluster_session(cfg.cluster):  # checks the cluster settings; starts the cluster on first use
+        for name, module in modules.items():
+            log.info("stage %s", name)
+            started = time.perf_counter()
+            outputs[name] = module.run(cfg)
+            log.info("stage %s took %.1f s", name, time.perf_counter() - started)
     return outputs

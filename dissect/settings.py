@@ -9,9 +9,9 @@ the value rules that types cannot express (``__post_init__``, raising
 ``ConfigError`` naming the key and what is allowed). A stage reads its section
 with ``section(cfg.<stage>, <Settings>)``, which runs those rules.
 
-The ``model`` and ``dataset`` groups are checked where they are used
-(``dissect.models``, ``dissect.probe``): their keys depend on the source and
-kind. The ``attribute`` section is typed here and validated by the attribute
+The ``model``, ``dataset`` and ``cluster`` groups are checked where they are used
+(``dissect.models``, ``dissect.probe``, ``dissect.cluster``): their keys depend
+on the source or kind. The ``attribute`` section is typed here and validated by the attribute
 stage's ``read_settings``, which also fills the keys left null from its device
 defaults.
 """
@@ -158,10 +158,94 @@ class AttributeSection:
 
 
 @dataclass
-class ClusterSettings:
-    address: str | None = MISSING
+class LocalClusterSettings:
+    """``cluster=local``: a dask LocalCluster on this machine."""
+
+    kind: str = "local"
     n_workers: int = MISSING
-    threads_per_worker: int | None = MISSING
+    threads_per_worker: int | None = MISSING  # null: the machine's cores shared out between the workers
+    processes: bool = MISSING  # false: one in-process worker (no start-up, no pickling)
+    host: str = MISSING
+    dashboard_address: str | None = MISSING
+
+    def __post_init__(self) -> None:
+        threads_ok = self.threads_per_worker is None or self.threads_per_worker >= 1
+        require("cluster", [("n_workers", self.n_workers, self.n_workers >= 1, "an integer >= 1"),
+                            ("n_workers", self.n_workers, self.processes or self.n_workers == 1,
+                             "1 when cluster.processes=false (threads share one worker)"),
+                            ("threads_per_worker", self.threads_per_worker, threads_ok, "null or an integer >= 1")])
+
+
+@dataclass
+class SlurmClusterSettings:
+    """``cluster=slurm``: dask workers in SLURM jobs (dask_jobqueue.SLURMCluster)."""
+
+    kind: str = "slurm"
+    queue: str | None = MISSING
+    account: str | None = MISSING
+    jobs: int = MISSING
+    maximum_jobs: int | None = MISSING
+    cores: int = MISSING
+    memory: str = MISSING
+    processes: int = MISSING
+    gpus_per_job: int = MISSING
+    walltime: str = MISSING
+    job_extra_directives: list[str] = MISSING
+    job_script_prologue: list[str] = MISSING
+    local_directory: str | None = MISSING
+    log_directory: str | None = MISSING
+    interface: str | None = MISSING
+    scheduler_host: str | None = MISSING
+    python: str | None = MISSING
+    dashboard_address: str | None = MISSING
+    wait_for_workers_s: float = MISSING
+
+    def __post_init__(self) -> None:
+        maximum_ok = self.maximum_jobs is None or self.maximum_jobs >= self.jobs
+        require("cluster", [("jobs", self.jobs, self.jobs >= 1, "an integer >= 1"),
+                            ("maximum_jobs", self.maximum_jobs, maximum_ok, f"null or an integer >= jobs={self.jobs}"),
+                            ("cores", self.cores, self.cores >= 1, "an integer >= 1"),
+                            ("processes", self.processes, 1 <= self.processes <= self.cores,
+                             f"an integer in [1, cores={self.cores}]"),
+                            ("gpus_per_job", self.gpus_per_job, self.gpus_per_job >= 0, "an integer >= 0"),
+                            ("wait_for_workers_s", self.wait_for_workers_s, self.wait_for_workers_s > 0,
+                             "a number of seconds > 0")])
+
+
+@dataclass
+class AddressClusterSettings:
+    """``cluster=address``: a running dask scheduler."""
+
+    kind: str = "address"
+    address: str = MISSING
+
+    def __post_init__(self) -> None:
+        require("cluster", [("address", self.address, "://" in self.address or ":" in self.address,
+                             "a scheduler address such as tcp://host:8786")])
+
+
+@dataclass
+class CudaClusterSettings:
+    """``cluster=cuda``: one worker per GPU of this node (dask_cuda.LocalCUDACluster)."""
+
+    kind: str = "cuda"
+    n_workers: int | None = MISSING  # null: every visible GPU
+    visible_devices: str | None = MISSING  # for example "0,1"; null: CUDA_VISIBLE_DEVICES or all
+    threads_per_worker: int = MISSING
+    host: str = MISSING
+    dashboard_address: str | None = MISSING
+    local_directory: str | None = MISSING
+
+    def __post_init__(self) -> None:
+        require("cluster", [("n_workers", self.n_workers, self.n_workers is None or self.n_workers >= 1,
+                             "null or an integer >= 1"),
+                            ("threads_per_worker", self.threads_per_worker, self.threads_per_worker >= 1,
+                             "an integer >= 1")])
+
+
+#: ``cluster.kind`` -> the settings of that kind of cluster (one file per kind in conf/cluster/).
+CLUSTER_KINDS: dict[str, type] = {"local": LocalClusterSettings, "slurm": SlurmClusterSettings,
+                                  "address": AddressClusterSettings, "cuda": CudaClusterSettings}
 
 
 @dataclass
@@ -170,7 +254,7 @@ class Config:
 
     model: Any = MISSING
     dataset: Any = MISSING
-    cluster: ClusterSettings = MISSING
+    cluster: Any = MISSING  # one of CLUSTER_KINDS, by its `kind` key (dissect.cluster)
     layers: list[str] = MISSING
     run_name: str = MISSING
     out_dir: str = MISSING

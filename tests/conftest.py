@@ -115,3 +115,38 @@ def write_activation_store(run_dir: Path, image_ids: list[str], maps: dict[str, 
         "valid": None if valid is None else np.asarray(valid, bool).tolist(),
     }, 1)
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def two_workers():
+    """A LocalCluster of 2 worker processes (1 thread each) on 127.0.0.1 only; yields it, stops every process.
+
+    Point a config at it with ``cluster_override(cluster)``.
+    """
+    import os
+    import signal
+
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address=None)
+    pids = [worker.process.pid for worker in cluster.workers.values()]
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+        for pid in pids:  # a worker the test killed was restarted by its nanny under a new pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def on_cluster(cfg: DictConfig, cluster, **changes) -> DictConfig:
+    """A copy of ``cfg`` (with ``changes`` merged) whose ``cluster`` section points at the running ``cluster``."""
+    from omegaconf import OmegaConf
+
+    assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+    copy = OmegaConf.merge(cfg, changes)
+    copy.cluster = OmegaConf.create({"kind": "address", "address": cluster.scheduler_address})
+    return copy

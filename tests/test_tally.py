@@ -6,11 +6,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from distributed import LocalCluster
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import tiny_overrides, write_activation_store
+from conftest import on_cluster, tiny_overrides, write_activation_store
 from data_prep.synthetic_broden import generate
 from dissect.stages import extract, tally, thresholds
 from dissect.artifacts import read_json
@@ -139,12 +138,11 @@ def copy_run(base: Path, name: str) -> Path:
     return target
 
 
-def test_a_local_cluster_with_two_workers_gives_the_same_tally(small_run):
+def test_a_local_cluster_with_two_workers_gives_the_same_tally(small_run, two_workers):
     base, cfg = small_run
     default_dir, cluster_dir = copy_run(base, "default"), copy_run(base, "cluster")
     tally.run(OmegaConf.merge(cfg, {"out_dir": str(default_dir)}))
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        tally.run(OmegaConf.merge(cfg, {"out_dir": str(cluster_dir), "cluster": {"address": cluster.scheduler_address}}))
+    tally.run(on_cluster(cfg, two_workers, out_dir=str(cluster_dir)))
     for layer in ("features.conv2", "features.conv3"):
         first = RunLayout(default_dir).tally_csv(layer).read_bytes()
         assert first == RunLayout(cluster_dir).tally_csv(layer).read_bytes()
