@@ -33,12 +33,19 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
+import dask
 from distributed import Client, LocalCluster
 from omegaconf import DictConfig
 
 from dissect.errors import ConfigError, DissectError
-from dissect.settings import (CLUSTER_KINDS, AddressClusterSettings, CudaClusterSettings, LocalClusterSettings,
-                              SlurmClusterSettings, section)
+from dissect.settings import (
+    CLUSTER_KINDS,
+    AddressClusterSettings,
+    CudaClusterSettings,
+    LocalClusterSettings,
+    SlurmClusterSettings,
+    section,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,8 @@ def slurm_cluster(settings: SlurmClusterSettings) -> Any:
     from dask_jobqueue import SLURMCluster
 
     directives = list(settings.job_extra_directives)
+    # a daemonic worker process cannot start the image loader processes of extract.num_workers
+    prologue = ["export DASK_DISTRIBUTED__WORKER__DAEMON=False", *settings.job_script_prologue]
     if settings.gpus_per_job:
         directives.append(f"--gres=gpu:{settings.gpus_per_job}")
     scheduler_options = {"dashboard_address": settings.dashboard_address}
@@ -75,7 +84,7 @@ def slurm_cluster(settings: SlurmClusterSettings) -> Any:
     }.items() if value is not None}
     return SLURMCluster(cores=settings.cores, memory=settings.memory, processes=settings.processes,
                         walltime=settings.walltime, job_extra_directives=directives,
-                        job_script_prologue=list(settings.job_script_prologue),
+                        job_script_prologue=prologue,
                         scheduler_options=scheduler_options, **optional)
 
 
@@ -115,6 +124,7 @@ def open_client(settings: ClusterSettings) -> Iterator[Client]:
             _log_dashboard(client)
             yield client
         return
+    dask.config.set({"distributed.worker.daemon": False})  # workers may start image loader processes
     if isinstance(settings, SlurmClusterSettings):
         cluster = slurm_cluster(settings)
         if settings.maximum_jobs is not None:

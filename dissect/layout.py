@@ -6,7 +6,8 @@ module spells a run-directory file name. Per-layer outputs live under
 
     <out_dir>/
       activations.zarr/                extract: the activation store (Zarr v3)
-      extract/progress.json            extract: finished chunks, the unit of resume
+      extract/fingerprint.json         extract: what the activations are made from (checked on resume)
+      extract/chunks/chunk_<c>.json    extract: one marker per finished chunk (the unit of resume)
       extract/skipped_images.csv       extract: images that could not be read
       layers/<layer>/                  one folder per dissected layer
         thresholds.csv                 thresholds: unit, threshold
@@ -40,6 +41,11 @@ def layer_page_name(layer: str) -> str:
     return f"layer-{layer}.html"
 
 
+def chunk_marker_name(chunk: int) -> str:
+    """The file name of chunk ``chunk``'s marker in ``RunLayout.extract_chunks`` (workers know only that folder)."""
+    return f"chunk_{chunk:06d}.json"
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """Every path of the run directory ``root``."""
@@ -57,8 +63,16 @@ class RunLayout:
         return self.root / "activations.zarr"
 
     @property
-    def extract_progress(self) -> Path:
-        return self.root / "extract" / "progress.json"
+    def extract_fingerprint(self) -> Path:
+        return self.root / "extract" / "fingerprint.json"
+
+    @property
+    def extract_chunks(self) -> Path:
+        """The folder of chunk markers: one file per chunk of images whose rows are on disk in every array."""
+        return self.root / "extract" / "chunks"
+
+    def chunk_marker(self, chunk: int) -> Path:
+        return self.extract_chunks / chunk_marker_name(chunk)
 
     @property
     def skipped_images(self) -> Path:

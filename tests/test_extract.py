@@ -72,13 +72,16 @@ def test_chunks_hold_whole_batches_of_at_least_the_asked_size(image_folder, tiny
     assert maps.chunks[0] == chunk_length(per_image, 4, 0.01) == 4 * -(-int(0.01 * 2**20) // (4 * per_image))
     assert maps.chunks[0] * per_image >= 0.01 * 2**20 and maps.chunks[0] % 4 == 0
     assert maps.chunks[1:] == maps.shape[1:]
+    # every array shares the chunk length of the largest (features.conv2's maps), so a chunk is one unit of work
+    for layer, array in (("features.conv2", "maxima"), ("features.conv4", "maps"), ("classifier.fc1", "activations")):
+        assert store[layer][array].chunks[0] == maps.chunks[0]
 
 
 def test_second_run_skips_and_other_config_is_refused(image_folder, tiny_checkpoint, tmp_path, compose_config):
     overrides = tiny_overrides(image_folder, tmp_path / "run", tiny_checkpoint)
     layout = RunLayout(tmp_path / "run")
     run(compose_config(overrides))
-    mtimes = {path: path.stat().st_mtime_ns for path in (layout.extract_progress, layout.stamp("extract"))}
+    mtimes = {path: path.stat().st_mtime_ns for path in (layout.extract_fingerprint, layout.stamp("extract"))}
     run(compose_config(overrides))
     assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
     with pytest.raises(ExtractError, match="different layers"):
@@ -119,16 +122,17 @@ def test_killed_run_resumes_to_identical_arrays(tiny_checkpoint, tmp_path):
     overrides = tiny_overrides(probe, resumed, tiny_checkpoint)
     process = subprocess.Popen(_extract_command(overrides), cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = RunLayout(resumed).extract_progress
+    markers = RunLayout(resumed).extract_chunks
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if progress.exists() and len(read_json(progress)["done"].get("features.conv2/maps", [])) >= 3:
+        if markers.is_dir() and len(list(markers.glob("*.json"))) >= 3:
             break
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    state = read_json(progress)
-    assert not state["complete"], "the run finished before it could be killed; make the probe set larger"
+    n_chunks = -(-160 // 4)
+    assert len(list(markers.glob("*.json"))) < n_chunks, "the run finished before it could be killed"
+    assert not zarr.open_group(RunLayout(resumed).activations, mode="r").attrs.get("complete")
     assert not RunLayout(resumed).stamp("extract").exists(), "an unfinished extract has no stamp"
     subprocess.run(_extract_command(overrides), cwd=REPO, env=env, check=True, capture_output=True)
 

@@ -1,32 +1,48 @@
-"""The extract stage: stream the probe set through the model into chunked Zarr.
+"""The extract stage: stream the probe set through the model into chunked Zarr, on the run's dask cluster.
 
 Output, in the run directory (see README "Zarr layout"):
 
 - ``activations.zarr/``: root arrays ``image_ids`` (N,) str and ``valid`` (N,)
   bool; one group per recorded layer holding either ``maps`` (N, U, h, w)
   float16 and ``maxima`` (N, U) float32 (spatial maximum of the stored float16
-  map), or, for a vector layer, ``activations`` (N, D) float16. Arrays are
-  chunked along the image axis only; the chunk length is a multiple of the batch
-  size. Attributes describe the model, layers, preprocessing and probe set.
-- ``extract/progress.json``: which chunks of which arrays are on disk, and the
-  images that could not be read so far. It is what makes a killed run resume.
+  map), or, for a vector layer, ``activations`` (N, D) float16. Every array is
+  chunked along the image axis only, with one chunk length for the whole store:
+  the smallest multiple of the batch size whose chunk of the largest array
+  holds ``extract.chunk_mib``. Attributes describe the model, layers,
+  preprocessing and probe set.
+- ``extract/fingerprint.json``: what the activations are made from; a run with
+  another model, layer list, preprocessing, probe set or chunking is refused.
+- ``extract/chunks/chunk_<c>.json``: one marker per chunk ``c`` of images whose
+  rows are written in every array, with the images of that chunk that could not
+  be read and the host and pid of the process that wrote it. Writers never share a file, so any number of workers can write.
 - ``extract/skipped_images.csv``: ``index,image_id,error`` of every unreadable
   image (its rows in the arrays are zeros and ``valid`` is False).
-- ``extract/stamp.json`` (``dissect.stamps``), written last: the fingerprint
-  below. Unlike the other stages, extract never replaces activations made from
-  another model, layer list, preprocessing or probe set: they are expensive,
-  so it names what differs and stops.
+- ``extract/stamp.json`` (``dissect.stamps``), written last: the fingerprint.
+  Unlike the other stages, extract never replaces activations made from another
+  model, layer list, preprocessing or probe set: they are expensive, so it
+  names what differs and stops.
 
-Every chunk is written whole, after which it is marked done; a run killed at any
-moment recomputes only chunks not marked done, with the same batches, so the
-final arrays are identical to those of an uninterrupted run.
+How it runs: this process loads the model once on the CPU to learn the layer
+shapes and creates the arrays; the chunks without a marker are cut into shards
+of consecutive chunks (about four per worker) and each shard is a dask task.
+A worker loads the model once (``dissect.cluster.worker_state``) on its own
+device (``extract.device=auto``: its GPU when it has one, float16 autocast when
+``extract.amp``), decodes its shard's images (``extract.num_workers`` loader
+processes), and writes each chunk whole straight into the shared store, then
+its marker. Batches start at chunk boundaries, so they are the same whoever
+runs them and the arrays are identical to a single-process run. A killed run,
+or a worker lost mid-shard (dask runs the shard again elsewhere), recomputes
+only the chunks without a marker.
 """
 
 import csv
 import hashlib
+import json
 import logging
 import math
+import multiprocessing
 import os
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,15 +53,22 @@ import numpy as np
 import torch
 import zarr
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 from zarr.codecs import BloscCodec
 
 from dissect.artifacts import read_json, write_json_atomic
+from dissect.cluster import (
+    check_worker_paths,
+    dask_client,
+    device_lock,
+    worker_count,
+    worker_state,
+)
 from dissect.devices import pick_device
 from dissect.errors import DissectError
 from dissect.layers import LayerRecorder, get_layer, layer_kind
-from dissect.layout import RunLayout
+from dissect.layout import RunLayout, chunk_marker_name
 from dissect.models import LoadedModel, load_model
 from dissect.probe import Preprocessing, ProbeImages, ProbeSet, open_probe_set
 from dissect.settings import ExtractSettings, section
@@ -54,8 +77,10 @@ from dissect.stamps import write_stamp
 log = logging.getLogger(__name__)
 
 #: The version of the extract stage's output format (a change makes old run directories foreign).
-FORMAT = 1
+FORMAT = 2
 MAX_PENDING_WRITES = 4
+#: Seconds between two looks at the chunk markers, which drive the progress bar.
+PROGRESS_POLL_S = 0.25
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
 
@@ -79,73 +104,36 @@ class LayerSpec:
         return {"activations": (self.shape, "float16")}
 
 
-@dataclass
-class ChunkStream:
-    """One output array, filled in image order and written one whole chunk at a time."""
+@dataclass(frozen=True)
+class ShardJob:
+    """What a worker needs to extract chunks of the probe set; every field pickles."""
 
-    key: str
-    array: zarr.Array
+    store: str
+    markers: str
+    model: dict[str, Any]
+    probe: dict[str, Any]
+    specs: tuple[LayerSpec, ...]
     chunk_len: int
-    done: set[int]
-    buffer: list[np.ndarray] = field(default_factory=list)
-    buffer_start: int = 0
+    batch_size: int
+    num_workers: int | str
+    device: str
+    amp: bool
 
-    def first_missing_image(self) -> int:
-        """Index of the first image of the first chunk not yet on disk (n_images if none)."""
-        n_images = self.array.shape[0]
-        n_chunks = math.ceil(n_images / self.chunk_len)
-        missing = [c for c in range(n_chunks) if c not in self.done]
-        return missing[0] * self.chunk_len if missing else n_images
-
-    def add(self, rows: np.ndarray, start: int) -> list[tuple[int, np.ndarray]]:
-        """Append rows for images start.. and return the chunks they complete as (chunk index, data)."""
-        if not self.buffer:
-            self.buffer_start = start
-        self.buffer.append(rows)
-        n_images = self.array.shape[0]
-        buffered = sum(len(b) for b in self.buffer)
-        completed: list[tuple[int, np.ndarray]] = []
-        chunk = self.buffer_start // self.chunk_len
-        chunk_end = min((chunk + 1) * self.chunk_len, n_images)
-        if self.buffer_start + buffered >= chunk_end:
-            data = np.concatenate(self.buffer)
-            cut = chunk_end - self.buffer_start
-            completed.append((chunk, data[:cut]))
-            rest = data[cut:]
-            self.buffer = [rest] if len(rest) else []
-            self.buffer_start = chunk_end
-        return completed
+    @property
+    def state_key(self) -> str:
+        """Identifies the loaded model and probe set a worker keeps between shards."""
+        text = json.dumps([self.model, self.probe, self.device], sort_keys=True, default=str)
+        return "extract:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-class ExtractProgress:
-    """The state in ``extract/progress.json``; mutated only by the writer thread."""
+@dataclass
+class WorkerModel:
+    """A worker's model on its device, with the probe set's images and preprocessing."""
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any]) -> None:
-        self.path = path
-        self.fingerprint = fingerprint
-        self.done: dict[str, set[int]] = {}
-        self.failures: dict[int, str] = {}
-        self.complete = False
-        if path.exists():
-            saved = read_json(path)
-            changed = sorted(k for k in set(fingerprint) | set(saved["fingerprint"])
-                             if fingerprint.get(k) != saved["fingerprint"].get(k))
-            if changed:
-                raise ExtractError(
-                    f"{path.parent} already holds activations made with a different {', '.join(changed)}; "
-                    "choose another out_dir=... or delete that directory"
-                )
-            self.done = {key: set(chunks) for key, chunks in saved["done"].items()}
-            self.failures = {int(i): error for i, error in saved["failures"].items()}
-            self.complete = saved["complete"]
-
-    def save(self) -> None:
-        write_json_atomic(self.path, {
-            "fingerprint": self.fingerprint,
-            "done": {key: sorted(chunks) for key, chunks in self.done.items()},
-            "failures": {str(i): error for i, error in sorted(self.failures.items())},
-            "complete": self.complete,
-        })
+    module: torch.nn.Module
+    device: torch.device
+    preprocessing: Preprocessing
+    image_paths: list[Path]
 
 
 def check(cfg: DictConfig) -> None:
@@ -160,17 +148,16 @@ def check(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> Path:
     """Run the extract stage for ``cfg`` and return the path of the Zarr store."""
     check(cfg)
+    settings = section(cfg.extract, ExtractSettings)
     layout = RunLayout(Path(cfg.out_dir))
     probe = open_probe_set(cfg.dataset)
     loaded = load_model(cfg.model)
-    device = pick_device(str(cfg.extract.device), "extract.device")
     preprocessing = Preprocessing(loaded.input_size, loaded.mean, loaded.std)
     layer_names = [str(name) for name in cfg.layers]
     for name in layer_names:
         get_layer(loaded.module, name)  # fails early, listing valid names nearby
-    module = loaded.module.to(device)
-    specs = probe_layers(module, layer_names, preprocessing.input_size, device)
-    batch_size = int(cfg.extract.batch_size)
+    specs = probe_layers(loaded.module, layer_names, preprocessing.input_size, torch.device("cpu"))
+    chunk_len = store_chunk_length(specs, settings.batch_size, settings.chunk_mib)
     fingerprint = {
         "model": loaded.description,
         "layers": [s.__dict__ | {"shape": list(s.shape)} for s in specs],
@@ -178,30 +165,191 @@ def run(cfg: DictConfig) -> Path:
         "probe_set": probe.description(),
         "image_ids_sha": _ids_digest(probe.image_ids),
         "checkpoint_sha": _file_digest(loaded.description.get("checkpoint")),
-        "batch_size": batch_size,
-        "chunk_mib": float(cfg.extract.chunk_mib),
+        "batch_size": settings.batch_size,
+        "chunk_mib": settings.chunk_mib,
         "format": FORMAT,
     }
-    layout.extract_progress.parent.mkdir(parents=True, exist_ok=True)
-    progress = ExtractProgress(layout.extract_progress, fingerprint)
     store_path = layout.activations
-    if progress.complete:
+    claim_run_directory(layout, fingerprint)
+    if zarr.open_group(store_path, mode="a").attrs.get("complete"):
         log.info("extract: %s is complete, skipping", store_path)
         if not layout.stamp("extract").is_file():  # killed between the last two writes
             write_stamp(layout.stamp("extract"), fingerprint, FORMAT)
         return store_path
-    streams = open_streams(store_path, probe, specs, batch_size, float(cfg.extract.chunk_mib), progress)
+    create_arrays(store_path, probe, specs, chunk_len)
     _set_store_attributes(store_path, loaded, specs, preprocessing, probe, cfg)
-    start = min(stream.first_missing_image() for stream in streams.values())
-    if start > 0:
-        log.info("extract: resuming at image %d of %d", start, len(probe))
+    del loaded
+    n_chunks = math.ceil(len(probe) / chunk_len)
+    layout.extract_chunks.mkdir(parents=True, exist_ok=True)
+    todo = [chunk for chunk in range(n_chunks) if not layout.chunk_marker(chunk).exists()]
+    if len(todo) < n_chunks:
+        log.info("extract: resuming, %d of %d chunks already on disk", n_chunks - len(todo), n_chunks)
+    job = ShardJob(store=str(store_path), markers=str(layout.extract_chunks),
+                   model=OmegaConf.to_container(cfg.model, resolve=True),
+                   probe=OmegaConf.to_container(cfg.dataset, resolve=True), specs=tuple(specs), chunk_len=chunk_len,
+                   batch_size=settings.batch_size, num_workers=settings.num_workers, device=settings.device,
+                   amp=settings.amp)
     started = time.perf_counter()
-    stream_images(module, probe, preprocessing, specs, streams, progress, start, batch_size, cfg, device)
+    devices = run_shards(cfg, job, todo, len(probe), probe.root, loaded_checkpoint(job))
     seconds = time.perf_counter() - started
-    finish_store(layout, probe, progress, {"images": len(probe) - start, "seconds": round(seconds, 3),
-                                           "device": str(device)})
+    images = sum(len(chunk_images(chunk, chunk_len, len(probe))) for chunk in todo)
+    finish_store(layout, probe, n_chunks, {"images": images, "seconds": round(seconds, 3),
+                                           "device": ", ".join(sorted(devices)) or "none (nothing left to do)"})
     write_stamp(layout.stamp("extract"), fingerprint, FORMAT)
     return store_path
+
+
+def claim_run_directory(layout: RunLayout, fingerprint: dict[str, Any]) -> None:
+    """Record what this run's activations are made from, or refuse a directory that holds others."""
+    path = layout.extract_fingerprint
+    if path.exists():
+        saved = read_json(path)
+        changed = sorted(k for k in set(fingerprint) | set(saved) if fingerprint.get(k) != saved.get(k))
+        if changed:
+            raise ExtractError(f"{layout.root} already holds activations made with a different {', '.join(changed)}; "
+                               "choose another out_dir=... or delete that directory")
+        return
+    if layout.activations.exists():
+        raise ExtractError(f"{layout.activations} exists but was not written by this version of the extract stage "
+                           f"({path.name} is missing); choose another out_dir=... or delete that directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, fingerprint)
+
+
+def loaded_checkpoint(job: ShardJob) -> list[Path]:
+    """The checkpoint file a worker reads, if the model has one."""
+    checkpoint = job.model.get("checkpoint")
+    return [Path(str(checkpoint))] if checkpoint else []
+
+
+def shards(chunks: list[int], workers: int) -> list[list[int]]:
+    """Cut the chunks to do into consecutive runs, about four per worker, so that a lost worker costs little."""
+    pieces = max(1, min(len(chunks), 4 * workers))
+    size = math.ceil(len(chunks) / pieces)
+    return [chunks[i:i + size] for i in range(0, len(chunks), size)]
+
+
+def run_shards(cfg: DictConfig, job: ShardJob, todo: list[int], n_images: int, probe_root: Path,
+               extra_paths: list[Path]) -> set[str]:
+    """Extract the chunks ``todo`` on the run's cluster; show progress from the markers; return the devices used."""
+    if not todo:
+        return set()
+    markers = Path(job.markers)
+    total = sum(len(chunk_images(chunk, job.chunk_len, n_images)) for chunk in todo)
+    with dask_client(cfg.cluster) as client:
+        check_worker_paths(client, [job.store, job.markers, probe_root, *extra_paths])
+        futures = [client.submit(extract_shard, job, piece, n_images, pure=False)
+                   for piece in shards(todo, worker_count(client))]
+        pending = set(todo)
+        with tqdm(total=total, unit="img", desc="extract", dynamic_ncols=True) as bar:
+            while True:
+                all_done = all(future.done() for future in futures)
+                finished = {chunk for chunk in pending if (markers / chunk_marker_name(chunk)).exists()}
+                bar.update(sum(len(chunk_images(chunk, job.chunk_len, n_images)) for chunk in finished))
+                pending -= finished
+                failed = [future for future in futures if future.status == "error"]
+                if failed:
+                    failed[0].result()  # raises the worker's error here
+                if all_done:
+                    break
+                time.sleep(PROGRESS_POLL_S)
+        devices = set(client.gather(futures))
+    missing = [chunk for chunk in todo if not (markers / chunk_marker_name(chunk)).exists()]
+    if missing:
+        raise ExtractError(f"extract: {len(missing)} chunks have no marker after every shard finished "
+                           f"(first: {missing[0]}); run again to redo them")
+    return devices
+
+
+def chunk_images(chunk: int, chunk_len: int, n_images: int) -> range:
+    """The image indices of one chunk."""
+    return range(chunk * chunk_len, min((chunk + 1) * chunk_len, n_images))
+
+
+def load_worker_model(job: ShardJob) -> WorkerModel:
+    """Load the job's model on this worker's device, and open its probe set (once per worker)."""
+    loaded = load_model(OmegaConf.create(job.model))
+    device = pick_device(job.device, "extract.device")
+    probe = open_probe_set(job.probe)
+    return WorkerModel(loaded.module.to(device).eval(), device,
+                       Preprocessing(loaded.input_size, loaded.mean, loaded.std), probe.image_paths)
+
+
+def extract_shard(job: ShardJob, chunks: list[int], n_images: int) -> str:
+    """Forward the images of ``chunks`` (those without a marker) and write them; runs on a dask worker.
+
+    Returns the device it ran on.
+    """
+    state = worker_state(job.state_key, lambda: load_worker_model(job))
+    markers = Path(job.markers)
+    chunks = [chunk for chunk in chunks if not (markers / chunk_marker_name(chunk)).exists()]  # a retried shard
+    if not chunks:
+        return str(state.device)
+    batches = [list(span[i:i + job.batch_size]) for chunk in chunks
+               for span in [chunk_images(chunk, job.chunk_len, n_images)] for i in range(0, len(span), job.batch_size)]
+    workers = loader_workers(job.num_workers, state.device)
+    loader = DataLoader(ProbeImages(state.image_paths, state.preprocessing), batch_sampler=batches,
+                        num_workers=workers, pin_memory=state.device.type == "cuda",
+                        prefetch_factor=4 if workers else None)
+    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=state.device.type == "cuda" and job.amp)
+    root = zarr.open_group(job.store, mode="r+")
+    arrays = {f"{spec.name}/{name}": root[spec.name][name] for spec in job.specs for name in spec.arrays()}
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer")
+    pending: list[Future] = []
+    buffer = ChunkBuffer()
+    try:
+        with device_lock(), LayerRecorder(state.module, [s.name for s in job.specs], dtype=torch.float16,
+                                          stop_early=True) as recorder:
+            for indices, images, errors in loader:
+                with torch.inference_mode(), autocast:
+                    outputs = recorder.run(state.preprocessing.normalise(images.to(state.device, non_blocking=True)))
+                failed = np.array([bool(e) for e in errors])
+                rows = {f"{spec.name}/{name}": values for spec in job.specs
+                        for name, values in _layer_rows(spec, outputs[spec.name], failed).items()}
+                buffer.add(rows, {int(i): e for i, e in zip(indices, errors) if e}, len(indices))
+                chunk = int(indices[0]) // job.chunk_len
+                span = chunk_images(chunk, job.chunk_len, n_images)
+                if buffer.images == len(span):
+                    chunk_rows, chunk_failures = buffer.take()
+                    pending.append(writer.submit(write_chunk, arrays, chunk_rows, span.start,
+                                                 markers / chunk_marker_name(chunk), chunk_failures))
+                    pending = _bound_pending(pending)
+        for future in pending:
+            future.result()
+    finally:
+        writer.shutdown(wait=True)
+    return str(state.device)
+
+
+@dataclass
+class ChunkBuffer:
+    """The rows of the chunk being filled: array key -> list of (n, ...) batches, and its unreadable images."""
+
+    rows: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
+    images: int = 0
+
+    def add(self, rows: dict[str, np.ndarray], failures: dict[int, str], n_images: int) -> None:
+        for key, values in rows.items():
+            self.rows.setdefault(key, []).append(values)
+        self.failures.update(failures)
+        self.images += n_images
+
+    def take(self) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+        """The whole chunk's rows (array key -> (n, ...)) and failures; empties the buffer."""
+        chunk = {key: np.concatenate(parts) for key, parts in self.rows.items()}, self.failures
+        self.rows, self.failures, self.images = {}, {}, 0
+        return chunk
+
+
+def write_chunk(arrays: dict[str, zarr.Array], rows: dict[str, np.ndarray], begin: int, marker: Path,
+                failures: dict[int, str]) -> None:
+    """Write one chunk of every array whole, then its marker (with the chunk's unreadable images)."""
+    for key, values in rows.items():
+        arrays[key][begin:begin + len(values)] = values
+    write_json_atomic(marker, {"images": [begin, begin + len(next(iter(rows.values())))],
+                               "failures": {str(i): e for i, e in sorted(failures.items())},
+                               "host": socket.gethostname(), "pid": os.getpid()})
 
 
 def probe_layers(module: torch.nn.Module, names: list[str], input_size: int, device: torch.device) -> list[LayerSpec]:
@@ -226,71 +374,31 @@ def chunk_length(per_image_bytes: int, batch_size: int, chunk_mib: float) -> int
     return batches * batch_size
 
 
-def open_streams(store_path: Path, probe: ProbeSet, specs: list[LayerSpec], batch_size: int,
-                 chunk_mib: float, progress: ExtractProgress) -> dict[str, ChunkStream]:
-    """Create (or reopen, when resuming) every output array; key 'layer/array'."""
+def store_chunk_length(specs: list[LayerSpec], batch_size: int, chunk_mib: float) -> int:
+    """The one chunk length of every array: ``chunk_length`` of the array with the most bytes per image.
+
+    One length for all arrays makes a chunk of images a unit of work that no two writers share.
+    """
+    largest = max(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                  for spec in specs for shape, dtype in spec.arrays().values())
+    return chunk_length(largest, batch_size, chunk_mib)
+
+
+def create_arrays(store_path: Path, probe: ProbeSet, specs: list[LayerSpec], chunk_len: int) -> None:
+    """Create every output array (kept as they are when resuming)."""
     root = zarr.open_group(store_path, mode="a")
     n_images = len(probe)
     if "image_ids" not in root:
         ids = root.create_array("image_ids", shape=(n_images,), dtype=str, chunks=(n_images,),
                                 dimension_names=["image"])
         ids[:] = np.array(probe.image_ids, dtype=object)
-    streams = {}
     for spec in specs:
         group = root.require_group(spec.name)
         for array_name, (shape, dtype) in spec.arrays().items():
-            key = f"{spec.name}/{array_name}"
-            per_image = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            length = chunk_length(per_image, batch_size, chunk_mib)
-            if array_name in group:
-                array = group[array_name]
-            else:
+            if array_name not in group:
                 dims = ["image", "unit", "y", "x"] if len(shape) == 3 else ["image", "unit"]
-                array = group.create_array(array_name, shape=(n_images, *shape), dtype=dtype,
-                                           chunks=(length, *shape), compressors=COMPRESSOR,
-                                           fill_value=0, dimension_names=dims)
-            streams[key] = ChunkStream(key, array, length, progress.done.setdefault(key, set()))
-    return streams
-
-
-def stream_images(module: torch.nn.Module, probe: ProbeSet, preprocessing: Preprocessing,
-                  specs: list[LayerSpec], streams: dict[str, ChunkStream], progress: ExtractProgress,
-                  start: int, batch_size: int, cfg: DictConfig, device: torch.device) -> None:
-    """Forward images start..N in batches, handing whole chunks to a writer thread."""
-    dataset = Subset(ProbeImages(probe.image_paths, preprocessing), range(start, len(probe)))
-    workers = loader_workers(cfg.extract.num_workers, device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False,
-                        prefetch_factor=4 if workers else None)
-    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda" and bool(cfg.extract.amp))
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer")
-    pending: list[Future] = []
-    layer_names = [spec.name for spec in specs]
-    try:
-        with LayerRecorder(module, layer_names, dtype=torch.float16, stop_early=True) as recorder, \
-                tqdm(total=len(probe), initial=start, unit="img", desc="extract", dynamic_ncols=True) as bar:
-            pending.append(writer.submit(_forget_failures_from, progress, start))
-            for indices, images, errors in loader:
-                with torch.inference_mode(), autocast:
-                    batch = preprocessing.normalise(images.to(device, non_blocking=True))
-                    outputs = recorder.run(batch)
-                failed = np.array([bool(e) for e in errors])
-                first = int(indices[0])
-                if failed.any():
-                    batch_failures = {int(i): e for i, e in zip(indices, errors) if e}
-                    pending.append(writer.submit(progress.failures.update, batch_failures))
-                for spec in specs:
-                    for array_name, rows in _layer_rows(spec, outputs[spec.name], failed).items():
-                        stream = streams[f"{spec.name}/{array_name}"]
-                        for chunk, data in stream.add(rows, first):
-                            if chunk not in stream.done:
-                                pending.append(writer.submit(_write_chunk, stream, chunk, data, progress))
-                pending = _bound_pending(pending)
-                bar.update(len(indices))
-        for future in pending:
-            future.result()
-    finally:
-        writer.shutdown(wait=True)
+                group.create_array(array_name, shape=(n_images, *shape), dtype=dtype, chunks=(chunk_len, *shape),
+                                   compressors=COMPRESSOR, fill_value=0, dimension_names=dims)
 
 
 def loader_workers(requested: int | str, device: torch.device) -> int:
@@ -300,9 +408,12 @@ def loader_workers(requested: int | str, device: torch.device) -> int:
     steals a core from them mid-batch and slows the whole forward pass down more
     than decoding in between batches does (see benchmarks/extract.py).
     """
-    if requested == "auto":
-        return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
-    return int(requested)  # checked by ExtractSettings
+    workers = (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0) if requested == "auto" else int(requested)
+    if workers and multiprocessing.current_process().daemon:
+        log.warning("extract: this dask worker is a daemonic process, which cannot start image loader processes; "
+                    "decoding in the worker instead (start workers with DASK_DISTRIBUTED__WORKER__DAEMON=False)")
+        return 0
+    return workers
 
 
 def _layer_rows(spec: LayerSpec, output: torch.Tensor, failed: np.ndarray) -> dict[str, np.ndarray]:
@@ -312,20 +423,6 @@ def _layer_rows(spec: LayerSpec, output: torch.Tensor, failed: np.ndarray) -> di
     if spec.kind == "vector":
         return {"activations": values.reshape(len(values), -1)}
     return {"maps": values, "maxima": values.max(axis=(2, 3)).astype(np.float32)}
-
-
-def _write_chunk(stream: ChunkStream, chunk: int, data: np.ndarray, progress: ExtractProgress) -> None:
-    """Write one whole chunk, then record it as done (runs on the writer thread)."""
-    begin = chunk * stream.chunk_len
-    stream.array[begin:begin + len(data)] = data
-    stream.done.add(chunk)
-    progress.save()
-
-
-def _forget_failures_from(progress: ExtractProgress, start: int) -> None:
-    """Images from start on are read again, so their earlier failures are dropped."""
-    for index in [i for i in progress.failures if i >= start]:
-        del progress.failures[index]
 
 
 def _bound_pending(pending: list[Future]) -> list[Future]:
@@ -341,16 +438,25 @@ def _bound_pending(pending: list[Future]) -> list[Future]:
     return unfinished
 
 
-def finish_store(layout: RunLayout, probe: ProbeSet, progress: ExtractProgress, session: dict[str, Any]) -> None:
-    """Write the valid mask and the skipped-images list, mark the store and the progress complete.
+def read_failures(layout: RunLayout, n_chunks: int) -> dict[int, str]:
+    """Image index -> error of every unreadable image, from the chunk markers."""
+    failures: dict[int, str] = {}
+    for chunk in range(n_chunks):
+        failures.update({int(i): e for i, e in read_json(layout.chunk_marker(chunk))["failures"].items()})
+    return failures
 
-    ``session`` (images streamed, seconds, device) of the run that finished the
+
+def finish_store(layout: RunLayout, probe: ProbeSet, n_chunks: int, session: dict[str, Any]) -> None:
+    """Write the valid mask and the skipped-images list, and mark the store complete.
+
+    ``session`` (images streamed, seconds, devices) of the run that finished the
     store goes into its attributes as ``last_session``.
     """
     store_path = layout.activations
+    failures = read_failures(layout, n_chunks)
     root = zarr.open_group(store_path, mode="a")
     valid = np.ones(len(probe), dtype=bool)
-    valid[list(progress.failures)] = False
+    valid[list(failures)] = False
     if "valid" not in root:
         root.create_array("valid", shape=valid.shape, dtype=bool, chunks=valid.shape, dimension_names=["image"])
     root["valid"][:] = valid
@@ -358,14 +464,12 @@ def finish_store(layout: RunLayout, probe: ProbeSet, progress: ExtractProgress, 
     with open(skipped_path, "w", newline="", encoding="utf-8") as handle:
         table = csv.writer(handle)
         table.writerow(["index", "image_id", "error"])
-        for index, error in sorted(progress.failures.items()):
+        for index, error in sorted(failures.items()):
             table.writerow([index, probe.image_ids[index], error])
     root.attrs.update({"complete": True, "last_session": session})
-    progress.complete = True
-    progress.save()
-    if progress.failures:
+    if failures:
         log.warning("extract: %d of %d images could not be read and were skipped; see %s",
-                    len(progress.failures), len(probe), skipped_path)
+                    len(failures), len(probe), skipped_path)
     log.info("extract: wrote %s (%d images; this session streamed %d in %.1f s, %.1f img/s on %s)",
              store_path, len(probe), session["images"], session["seconds"],
              session["images"] / max(session["seconds"], 1e-9), session["device"])
