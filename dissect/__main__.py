@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dissect.errors import DissectError
 from dissect.pipeline import run_pipeline, stage_module
+from dissect.sweep import record_run_dir
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: Command-line flags of Hydra that do not compose a config (they print help, info or a shell completion).
@@ -44,6 +45,7 @@ def composition_error(overrides: list[str]) -> str | None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    record_run_dir(str(cfg.out_dir))
     try:
         outputs = run_pipeline(cfg)
     except DissectError as error:

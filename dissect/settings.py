@@ -17,6 +17,7 @@ defaults.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
@@ -279,4 +280,10 @@ def section(values: DictConfig | dict, settings_type: type[Settings]) -> Setting
         raise ConfigError(f"configuration error: {' '.join(lines[:3])}") from error
 
 
+def checkpoint_tag(checkpoint: str | None) -> str:
+    """``-<file stem>`` of a checkpoint path, or "" without one: runs of two checkpoints get two directories."""
+    return f"-{Path(str(checkpoint)).stem}" if checkpoint else ""
+
+
 ConfigStore.instance().store(name="schema", node=Config)
+OmegaConf.register_new_resolver("checkpoint_tag", checkpoint_tag, replace=True)

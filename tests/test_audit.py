@@ -18,7 +18,7 @@ from data_prep.synthetic_broden import generate
 from dissect.stages import audit, extract
 from dissect.artifacts import read_json, write_json_atomic
 from dissect.errors import ConfigError
-from dissect.tools.audit_compare import compare, health_remarks, main
+from dissect.compare import compare, main
 from dissect.tools.audit_demo import DemoSettings, run_demo
 from dissect.layout import RunLayout
 from dissect.stamps import write_stamp
@@ -201,8 +201,9 @@ def test_smoothness_tells_a_gaussian_blob_from_white_noise():
 
 
 def fake_audit(run_dir, dead: dict[str, list[bool]], noisy: bool):
-    """A finished audit on disk with the given dead flags per layer."""
+    """A run directory (its extract stamp) with a finished audit on disk with the given dead flags per layer."""
     layout = RunLayout(run_dir)
+    write_stamp(layout.stamp("extract"), {"written_by": "test_audit fake_audit"}, 1)
     layout.audit_dir.mkdir(parents=True)
     rows = [{"layer": layer, "unit": u, "firing_rate": 0.0 if d else 0.5, "mean": 0.0, "max": 0.0,
              "zero_share": 0.5, "dead": d, "nearly_dead": False, "always_on": False}
@@ -210,7 +211,8 @@ def fake_audit(run_dir, dead: dict[str, list[bool]], noisy: bool):
     pd.DataFrame(rows).to_csv(layout.audit_units_csv, index=False)
     first = {"layer": "conv1", "noisy": noisy, "high_frequency_share_median": 0.7 if noisy else 0.2,
              "white_noise_share": 0.8}
-    write_json_atomic(layout.audit_json, {"first_layer": first})
+    write_json_atomic(layout.audit_json, {"first_layer": first, "layer_order": list(dead),
+                                          "thresholds": {"dead_share_warning": 0.4}})
     write_stamp(layout.stamp("audit"), {"written_by": "test_audit fake_audit"}, audit.FORMAT)
     return run_dir
 
@@ -221,23 +223,27 @@ def test_compare_counts_units_that_died_and_came_back(tmp_path, capsys):
         fake_audit(tmp_path / "b", {"c": [True, False, False, True], "f": [False, False]}, noisy=False),
         fake_audit(tmp_path / "c", {"c": [True, True, True, True], "f": [True, False]}, noisy=True),
     ]
-    table = compare(runs, ["a", "b", "c"])
+    comparison = compare(runs, ["a", "b", "c"])
+    table = comparison.audit
     c, f = table[table["layer"] == "c"], table[table["layer"] == "f"]
     assert c["dead"].tolist() == [1, 2, 4] and c["units"].tolist() == [4, 4, 4]
     assert c["died"].tolist()[1:] == [2, 2] and c["came_back"].tolist()[1:] == [1, 0]
     assert c["died"].isna().tolist() == [True, False, False]
+    assert c["compared_with"].isna().tolist() == [True, False, False] and c["compared_with"].tolist()[1:] == ["a", "b"]
     assert f["died"].tolist()[1:] == [0, 1] and f["came_back"].tolist()[1:] == [0, 0]
     assert c["dead_share"].tolist() == [0.25, 0.5, 1.0]
-    remarks = health_remarks(runs, ["a", "b", "c"], table)
-    assert remarks[0].startswith("c looks unhealthy: 100% of its c units are dead")
+    remarks = comparison.remarks
+    assert len(remarks) == 2 and remarks[0].startswith("c looks unhealthy: 100% of its c units are dead")
     assert remarks[1].startswith("c has noisy first-layer filters")
     healthy = fake_audit(tmp_path / "d", {"c": [False, True, False, False], "f": [False, False]}, noisy=False)
-    assert main([f"a={runs[0]}", f"d={healthy}", "--out", str(tmp_path / "t.csv")]) == 0
-    written = pd.read_csv(tmp_path / "t.csv")
+    assert main([str(runs[0]), str(healthy), "--names", "a,d", "--out", str(tmp_path / "out")]) == 0
+    written = pd.read_csv(tmp_path / "out" / "audit.csv")
+    assert written["run"].tolist() == ["a", "d", "a", "d"] and written["layer"].tolist() == ["c", "c", "f", "f"]
     assert written["died"].tolist()[1::2] == [1, 0] and written["came_back"].tolist()[1::2] == [1, 0]
-    assert "no checkpoint looks unhealthy" in capsys.readouterr().out
-    assert main(["a", f"b={runs[1]}"]) == 2
-    assert main([f"a={runs[0]}", f"b={tmp_path}"]) == 2
+    assert "no run looks unhealthy: every dead share is below its audit's warning level (40%)" in capsys.readouterr().out
+    assert main([str(runs[0]), str(runs[1]), "--names", "a"]) == 2
+    assert main([str(runs[0]), str(tmp_path), "--out", str(tmp_path / "out2")]) == 2
+    assert not (tmp_path / "out2").exists()
 
 
 def test_a_far_too_high_learning_rate_leaves_more_dead_units(tmp_path):
@@ -245,7 +251,7 @@ def test_a_far_too_high_learning_rate_leaves_more_dead_units(tmp_path):
     settings = DemoSettings(data, tmp_path / "demo", lrs=(3e-3, 0.3), epochs=2, n_images=320, size=64, seed=0,
                             batch_size=32)
     table, remarks, run_dirs = run_demo(settings)
-    totals = table.groupby("checkpoint")[["dead", "units"]].sum()
+    totals = table.groupby("run")[["dead", "units"]].sum()
     dead_share = totals["dead"] / totals["units"]  # measured: 0.066 at lr 0.003, 0.51 at lr 0.3
     assert dead_share["lr-0.3"] > 0.4 and dead_share["lr-0.3"] > dead_share["lr-0.003"] + 0.3
     assert remarks[0].startswith("lr-0.3 looks unhealthy")

@@ -1,1 +1,1 @@
-"""Command-line tools that are not pipeline stages (checkpoint comparison, the learning-rate demo)."""
+"""Command-line tools that are not pipeline stages (the learning-rate demo)."""

@@ -11,7 +11,7 @@ pixels. Each checkpoint goes to ``<out>/lr-<value>/model.pt`` (with
 ``training.json``), and that run directory is then extracted and audited with
 the project's real configuration (``model=default`` with this checkpoint, the
 whole probe set, the model's default layers). The audits are printed side by
-side (``dissect.tools.audit_compare``) with each model's verdict and the time taken.
+side (``dissect.compare``) with each model's verdict and the time taken.
 
 A run directory whose ``training.json`` matches the settings is reused (its
 extract and audit are skipped when complete); one trained with other settings
@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 from dissect.embedded_training import PREPROCESSING, LabelledImages, accuracy, load_labelled_images, train
 from dissect.stages import audit, extract
 from dissect.artifacts import read_json, write_json_atomic
-from dissect.tools.audit_compare import compare, health_remarks
+from dissect.compare import compare
 from dissect.layout import RunLayout
 from dissect.probe import Preprocessing
 
@@ -123,9 +123,8 @@ def run_demo(settings: DemoSettings) -> tuple[pd.DataFrame, list[str], list[Path
         extract.run(cfg)
         audit.run(cfg)
         run_dirs.append(run_dir)
-    names = [run_name(lr) for lr in settings.lrs]
-    table = compare(run_dirs, names)
-    return table, health_remarks(run_dirs, names, table), run_dirs
+    comparison = compare(run_dirs, [run_name(lr) for lr in settings.lrs])
+    return comparison.audit, comparison.remarks, run_dirs
 
 
 def report(table: pd.DataFrame, remarks: list[str], run_dirs: list[Path]) -> str:
@@ -136,10 +135,11 @@ def report(table: pd.DataFrame, remarks: list[str], run_dirs: list[Path]) -> str
         verdict = read_json(RunLayout(run_dir).audit_json)["verdict"]["text"]
         lines.append(f"{run_dir.name}: held-out accuracy {training['held_out_accuracy']:.3f}, final training loss "
                      f"{training['epoch_losses'][-1]:.3f}\n  verdict: {verdict}")
-    side_by_side = table.pivot(index="layer", columns="checkpoint", values="dead_share")
-    side_by_side = side_by_side.loc[list(dict.fromkeys(table["layer"])), list(dict.fromkeys(table["checkpoint"]))]
+    side_by_side = table.pivot(index="layer", columns="run", values="dead_share")
+    side_by_side = side_by_side.loc[list(dict.fromkeys(table["layer"])), list(dict.fromkeys(table["run"]))]
     lines += ["", "dead share per layer:", side_by_side.to_string(float_format="{:.1%}".format), "",
-              table.to_string(index=False, formatters={"dead_share": "{:.1%}".format}), ""]
+              table.to_string(index=False, formatters={"dead_share": "{:.1%}".format,
+                                                       "nearly_dead_share": "{:.1%}".format}), ""]
     lines += [f"- {remark}" for remark in remarks]
     return "\n".join(lines)
 
