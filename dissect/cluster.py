@@ -120,8 +120,8 @@ def open_client(settings: ClusterSettings) -> Iterator[Client]:
             raise ClusterError(f"cluster.address={settings.address!r}: no dask scheduler answers there ({error}); "
                                "start one, or use cluster=local") from error
         with client:
-            log.info("cluster: connected to %s (%d workers)", settings.address, len(client.scheduler_info()["workers"]))
-            _log_dashboard(client)
+            log.info("cluster: connected to %s (%d workers); its dashboard, if it serves one: %s", settings.address,
+                     len(client.scheduler_info()["workers"]), client.dashboard_link)
             yield client
         return
     dask.config.set({"distributed.worker.daemon": False})  # workers may start image loader processes
@@ -137,7 +137,7 @@ def open_client(settings: ClusterSettings) -> Iterator[Client]:
         cluster = local_cluster(settings)
     with cluster, Client(cluster) as client:
         log.info("cluster: %s", _describe(settings, cluster))
-        _log_dashboard(client)
+        _log_dashboard(client, settings.dashboard_address)
         if isinstance(settings, SlurmClusterSettings):
             log.info("cluster: waiting for the first SLURM worker (at most %.0f s)", settings.wait_for_workers_s)
             try:
@@ -158,11 +158,14 @@ def _describe(settings: ClusterSettings, cluster: Any) -> str:
     return f"{type(cluster).__name__} with {workers} worker(s) at {cluster.scheduler_address}"
 
 
-def _log_dashboard(client: Client) -> None:
-    """Print the dashboard's link when the scheduler serves one."""
-    services = client.scheduler_info().get("services", {})
-    if "dashboard" in services:
-        print(f"dask dashboard: {client.dashboard_link}", flush=True)
+def _log_dashboard(client: Client, dashboard_address: str | None) -> None:
+    """Print the dashboard's link when the scheduler serves one (``dashboard_address`` set, bokeh installed)."""
+    if dashboard_address is None:
+        return
+    if importlib.util.find_spec("bokeh") is None:
+        log.warning("cluster: no dask dashboard: it needs bokeh (pip install bokeh)")
+        return
+    print(f"dask dashboard: {client.dashboard_link}", flush=True)
 
 
 class ClusterSession:
