@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,6 +64,10 @@ def cluster_settings(cluster_cfg: DictConfig | dict) -> ClusterSettings:
     if kind not in CLUSTER_KINDS:
         raise ConfigError(f"cluster.kind={kind!r} is not allowed; it must be one of {', '.join(CLUSTER_KINDS)} "
                           "(choose a file of conf/cluster/: cluster=local, cluster=slurm, ...)")
+    allowed = [item.name for item in fields(CLUSTER_KINDS[kind])]
+    unknown = [key for key in cluster_cfg if key not in allowed]
+    if unknown:
+        raise ConfigError(f"cluster.{unknown[0]} is not a setting of cluster={kind}; its settings: {', '.join(allowed)}")
     return section(cluster_cfg, CLUSTER_KINDS[kind])
 
 
@@ -88,11 +93,16 @@ def slurm_cluster(settings: SlurmClusterSettings) -> Any:
                         scheduler_options=scheduler_options, **optional)
 
 
-def cuda_cluster(settings: CudaClusterSettings) -> Any:
-    """A ``dask_cuda.LocalCUDACluster`` (ClusterError naming the extra when dask-cuda is missing)."""
+def require_dask_cuda() -> None:
+    """Raise ClusterError naming the extra to install when dask-cuda is missing."""
     if importlib.util.find_spec("dask_cuda") is None:
         raise ClusterError("cluster=cuda needs dask-cuda, which is not installed; install the extra: "
                            "pip install -e '.[cuda]' (or use cluster=local)")
+
+
+def cuda_cluster(settings: CudaClusterSettings) -> Any:
+    """A ``dask_cuda.LocalCUDACluster`` (ClusterError naming the extra when dask-cuda is missing)."""
+    require_dask_cuda()
     from dask_cuda import LocalCUDACluster
 
     optional = {key: value for key, value in {
@@ -115,7 +125,7 @@ def open_client(settings: ClusterSettings) -> Iterator[Client]:
     """Start (or reach) the cluster the settings describe, yield a client on it, close both at the end."""
     if isinstance(settings, AddressClusterSettings):
         try:
-            client = Client(settings.address, timeout="30s")
+            client = Client(settings.address, timeout=f"{settings.timeout_s}s")
         except OSError as error:
             raise ClusterError(f"cluster.address={settings.address!r}: no dask scheduler answers there ({error}); "
                                "start one, or use cluster=local") from error
@@ -172,9 +182,18 @@ class ClusterSession:
     """The cluster of one pipeline run, started on first use and closed when the run ends."""
 
     def __init__(self, cluster_cfg: DictConfig) -> None:
+        """Check the settings; fail now, before any stage writes, where the cluster cannot be had.
+
+        A missing dask-cuda is found at once and a scheduler address is connected to at once. A local
+        or SLURM cluster starts on first use: a run whose stages are all current submits no SLURM job.
+        """
         self.settings = cluster_settings(cluster_cfg)
         self._opened: Any = None
         self.client: Client | None = None
+        if isinstance(self.settings, CudaClusterSettings):
+            require_dask_cuda()
+        if isinstance(self.settings, AddressClusterSettings):
+            self.get()
 
     def get(self) -> Client:
         """The run's client, starting the cluster the first time."""

@@ -219,10 +219,12 @@ class AddressClusterSettings:
 
     kind: str = "address"
     address: str = MISSING
+    timeout_s: float = MISSING
 
     def __post_init__(self) -> None:
         require("cluster", [("address", self.address, "://" in self.address or ":" in self.address,
-                             "a scheduler address such as tcp://host:8786")])
+                             "a scheduler address such as tcp://host:8786"),
+                            ("timeout_s", self.timeout_s, self.timeout_s > 0, "a number of seconds > 0")])
 
 
 @dataclass

@@ -148,5 +148,5 @@ def on_cluster(cfg: DictConfig, cluster, **changes) -> DictConfig:
 
     assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
     copy = OmegaConf.merge(cfg, changes)
-    copy.cluster = OmegaConf.create({"kind": "address", "address": cluster.scheduler_address})
+    copy.cluster = OmegaConf.create({"kind": "address", "address": cluster.scheduler_address, "timeout_s": 30})
     return copy

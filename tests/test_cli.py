@@ -1,5 +1,6 @@
 """``python -m dissect``: every mistake a user can make is one line naming the key, exit code 2, no traceback."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -22,6 +23,14 @@ BAD_INPUTS = {
     "extract device": (["extract.device=cuda"], "extract.device='cuda'"),
     "attribute device": (["attribute.device=tpu"], "attribute.device='tpu'"),
     "occlusion stride": (["attribute.occlusion_stride=64"], "attribute.occlusion_stride=64 exceeds"),
+    "unknown cluster": (["cluster=lsf"], "Could not find 'cluster/lsf'"),
+    "cluster key of another kind": (["+cluster.queue=gpu"],
+                                    "cluster.queue is not a setting of cluster=local; its settings: kind, n_workers"),
+    "slurm processes above cores": (["cluster=slurm", "cluster.cores=2", "cluster.processes=4"],
+                                    "cluster.processes=4 is not allowed; it must be an integer in [1, cores=2]"),
+    "cuda cluster without dask-cuda": (["cluster=cuda"], "pip install -e '.[cuda]'"),
+    "no scheduler at the address": (["cluster=address", "cluster.address=tcp://127.0.0.1:9", "cluster.timeout_s=2"],
+                                    "cluster.address='tcp://127.0.0.1:9': no dask scheduler answers there"),
     "tally on an empty run": (["stages=[tally]"], "run the extract stage first (stages=[extract])"),
     "report on an empty run": (["stages=[report]"], "run the extract stage first (stages=[extract])"),
 }
@@ -31,6 +40,8 @@ BAD_INPUTS = {
 def test_a_bad_input_is_one_line_with_exit_code_2(case, image_folder, tiny_checkpoint, tmp_path):
     if case == "extract device" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
+    if case == "cuda cluster without dask-cuda" and importlib.util.find_spec("dask_cuda") is not None:
+        pytest.skip("dask-cuda is installed here")
     overrides, expected = BAD_INPUTS[case]
     run_dir = tmp_path / "run"
     result = subprocess.run([sys.executable, "-m", "dissect", *tiny_overrides(image_folder, run_dir, tiny_checkpoint),
