@@ -1,6 +1,7 @@
 """Small I/O helpers shared by the stages (the paths themselves are in ``dissect.layout``)."""
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -54,3 +55,14 @@ def read_thresholds(layout: RunLayout, layer: str) -> np.ndarray:
     if not path.is_file():
         raise ArtifactError(f"no thresholds for layer {layer!r} ({path} is missing); run the thresholds stage first")
     return pd.read_csv(path)["threshold"].to_numpy(np.float64)
+
+
+def chunk_blocks(array: zarr.Array, block_mib: float) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive blocks of the image axis, each a whole number of ``array``'s chunks.
+
+    A block holds about ``block_mib`` MiB of the array (at least one chunk).
+    """
+    chunk = array.chunks[0]
+    chunk_bytes = chunk * math.prod(array.shape[1:]) * array.dtype.itemsize
+    step = chunk * max(1, int(block_mib * 2**20 // max(chunk_bytes, 1)))
+    return [(start, min(start + step, array.shape[0])) for start in range(0, array.shape[0], step)]

@@ -109,7 +109,9 @@ def cuda_cluster(settings: CudaClusterSettings) -> Any:
         "n_workers": settings.n_workers, "CUDA_VISIBLE_DEVICES": settings.visible_devices,
         "local_directory": settings.local_directory}.items() if value is not None}
     return LocalCUDACluster(threads_per_worker=settings.threads_per_worker, host=settings.host,
-                            dashboard_address=settings.dashboard_address, **optional)
+                            dashboard_address=settings.dashboard_address,
+                            scheduler_kwargs=http_server_options(settings.dashboard_address, settings.host),
+                            **optional)
 
 
 def local_cluster(settings: LocalClusterSettings) -> LocalCluster:
@@ -117,7 +119,16 @@ def local_cluster(settings: LocalClusterSettings) -> LocalCluster:
     threads = settings.threads_per_worker or max(1, (os.cpu_count() or 1) // settings.n_workers)
     network = {"host": settings.host} if settings.processes else {}  # one in-process worker talks in memory
     return LocalCluster(n_workers=settings.n_workers, threads_per_worker=threads, processes=settings.processes,
-                        dashboard_address=settings.dashboard_address, **network)
+                        dashboard_address=settings.dashboard_address,
+                        scheduler_kwargs=http_server_options(settings.dashboard_address, settings.host), **network)
+
+
+def http_server_options(dashboard_address: str | None, host: str) -> dict[str, Any]:
+    """Scheduler options: without a dashboard, its small HTTP server (health, metrics) on ``host``, a free port.
+
+    (distributed would otherwise take port 8787 on the machine's address even with no dashboard.)
+    """
+    return {} if dashboard_address is not None else {"dashboard": False, "dashboard_address": f"{host}:0"}
 
 
 @contextmanager
@@ -239,21 +250,25 @@ def worker_count(client: Client) -> int:
     return max(1, len(client.scheduler_info()["workers"]))
 
 
-def _unreadable(paths: Sequence[str]) -> list[str]:
-    """The paths this process cannot read (runs on every worker)."""
-    return [path for path in paths if not os.access(path, os.R_OK)]
+def _inaccessible(readable: Sequence[str], writable: Sequence[str]) -> list[str]:
+    """What this process cannot do of reading ``readable`` and writing ``writable`` (runs on every worker)."""
+    return ([f"cannot read {path}" for path in readable if not os.access(path, os.R_OK)]
+            + [f"cannot write {path}" for path in writable if not os.access(path, os.W_OK)])
 
 
-def check_worker_paths(client: Client, paths: Sequence[Path | str]) -> None:
-    """Raise ClusterError naming the first worker (and its host) that cannot read one of ``paths``."""
-    wanted = [str(Path(path).resolve()) for path in paths]
-    missing_by_worker = client.run(_unreadable, wanted)
-    for worker, missing in sorted(missing_by_worker.items()):
-        if missing:
+def check_worker_paths(client: Client, readable: Sequence[Path | str], writable: Sequence[Path | str] = ()) -> None:
+    """Raise ClusterError naming the first worker (and its host) that cannot read or write a path it needs.
+
+    ``writable`` folders must exist (the stage creates them first).
+    """
+    problems_by_worker = client.run(_inaccessible, [str(Path(path).resolve()) for path in readable],
+                                    [str(Path(path).resolve()) for path in writable])
+    for worker, problems in sorted(problems_by_worker.items()):
+        if problems:
             host = client.run(socket.gethostname, workers=[worker])[worker]
-            raise ClusterError(f"the dask worker {worker} on host {host} cannot read {missing[0]}: workers must see "
-                               "the run directory, the probe set and the checkpoint at the same paths as this "
-                               "process (a shared file system)")
+            raise ClusterError(f"the dask worker {worker} on host {host} {problems[0]}: workers must see the run "
+                               "directory, the probe set and the checkpoint at the same paths as this process "
+                               "(a shared file system)")
 
 
 _STATE: dict[str, Any] = {}

@@ -126,10 +126,11 @@ def two_workers():
     import os
     import signal
 
-    from distributed import LocalCluster
+    from dissect.cluster import local_cluster
+    from dissect.settings import LocalClusterSettings
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address=None)
+    cluster = local_cluster(LocalClusterSettings(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                                 dashboard_address=None))
     pids = [worker.process.pid for worker in cluster.workers.values()]
     try:
         yield cluster

@@ -256,3 +256,56 @@ def test_a_far_too_high_learning_rate_leaves_more_dead_units(tmp_path):
     assert dead_share["lr-0.3"] > 0.4 and dead_share["lr-0.3"] > dead_share["lr-0.003"] + 0.3
     assert remarks[0].startswith("lr-0.3 looks unhealthy")
     assert not read_json(RunLayout(run_dirs[1]).audit_json)["verdict"]["healthy"]
+
+
+def test_block_wise_unit_tally_equals_numpy_on_the_whole_array(tmp_path, compose_config):
+    from dissect.cluster import dask_client
+
+    rng = np.random.default_rng(5)
+    n = 61
+    maps = rng.normal(scale=3.0, size=(n, 4, 3, 2))
+    maps[:, 1] = np.minimum(maps[:, 1], 0)       # never positive
+    maps[rng.random(maps.shape) < 0.2] = 0.0     # exact zeros count as zero
+    vector = rng.normal(size=(n, 5))
+    valid = rng.random(n) > 0.2
+    valid[14:21] = False                         # a whole chunk (7 images) without a valid image
+    write_activation_store(tmp_path, [f"i{i}" for i in range(n)], {"conv": maps}, valid)
+    store = zarr.open_group(RunLayout(tmp_path).activations, mode="a")
+    store.require_group("fc").create_array("activations", data=vector.astype(np.float16), chunks=(7, 5))
+    store.attrs["layers"] = {**store.attrs["layers"], "fc": {"kind": "vector", "shape": [5], "module": "Linear"}}
+    expected = {"conv": maps.astype(np.float16).astype(np.float64)[valid].reshape(int(valid.sum()), 4, 6),
+                "fc": vector.astype(np.float16).astype(np.float64)[valid][..., None]}
+    chunk_mib = 7 * 4 * 6 * 2 / 2**20  # one chunk of conv's maps
+    with dask_client(compose_config([]).cluster) as client:
+        for block_mib in (0.0, 3 * chunk_mib, 32.0):  # one chunk per block, three (fc: 14), the whole array
+            tallies = audit.layer_tallies(client, str(RunLayout(tmp_path).activations), ["conv", "fc"], block_mib)
+            for layer, values in expected.items():
+                tally = tallies[layer]
+                assert (tally.images, tally.positions) == (int(valid.sum()), values.shape[2])
+                np.testing.assert_array_equal(tally.fired, (values.max(axis=2) > 0).sum(axis=0))
+                # float16 values are multiples of 2**-24 and these sums stay far below 2**29: exact in any order
+                np.testing.assert_array_equal(tally.total, values.sum(axis=(0, 2)))
+                np.testing.assert_array_equal(tally.maximum, values.max(axis=(0, 2)))
+                np.testing.assert_array_equal(tally.zeros, (values <= 0).sum(axis=(0, 2)))
+    assert tallies["conv"].fired[1] == 0
+
+
+def test_audit_on_two_worker_processes_writes_the_same_tables_as_in_process(dead_run, tmp_path, two_workers,
+                                                                            monkeypatch):
+    import shutil
+
+    from conftest import on_cluster
+
+    run_dir, cfg = dead_run
+    copies = {name: tmp_path / name for name in ("here", "there")}
+    for copy in copies.values():
+        shutil.copytree(run_dir, copy)
+        shutil.rmtree(RunLayout(copy).audit_dir)
+    audit.run(OmegaConf.merge(cfg, {"out_dir": str(copies["here"])}))  # in-process, default blocks
+    monkeypatch.setattr(audit, "BLOCK_MIB", 0.0)  # one chunk per block: many partial tallies summed
+    audit.run(on_cluster(cfg, two_workers, out_dir=str(copies["there"])))
+    here, there = RunLayout(copies["here"]), RunLayout(copies["there"])
+    assert zarr.open_group(here.activations, mode="r")["features.conv4"]["maps"].chunks[0] < 24
+    for name in ("audit_units_csv", "audit_layers_csv", "audit_weights_csv", "audit_json"):
+        assert getattr(here, name).read_bytes() == getattr(there, name).read_bytes(), name
+    assert here.stamp("audit").read_bytes() == there.stamp("audit").read_bytes()

@@ -108,7 +108,9 @@ def test_a_path_a_worker_cannot_read_is_named_with_the_worker_and_its_host(two_w
         with pytest.raises(ClusterError, match=r"dask worker tcp://127\.0\.0\.1:\d+ on host \S+ cannot read "
                                                + str(missing)):
             check_worker_paths(client, [tmp_path, missing])
-        check_worker_paths(client, [tmp_path])  # a readable path passes
+        with pytest.raises(ClusterError, match="cannot write " + str(missing)):
+            check_worker_paths(client, [tmp_path], writable=[missing])
+        check_worker_paths(client, [tmp_path], writable=[tmp_path])  # readable and writable paths pass
 
 
 def test_cluster_settings_name_the_wrong_key(compose_config):

@@ -15,7 +15,7 @@ import zarr
 from PIL import Image
 
 from conftest import REPO, tiny_overrides, write_image_folder
-from dissect.artifacts import open_activations, read_json
+from dissect.artifacts import open_activations
 from dissect.embedded_model import SmallCNN
 from dissect.stages.extract import ExtractError, chunk_length, run
 from dissect.layout import RunLayout

@@ -1,17 +1,21 @@
 """Receptive fields and the top-k order."""
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import torchvision
+import zarr
+from conftest import CONF_DIR, on_cluster, tiny_overrides
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from conftest import CONF_DIR, tiny_overrides
 from data_prep.synthetic_broden import generate
-from dissect.stages import extract, thresholds, topk
-from dissect.artifacts import open_activations
+from dissect.artifacts import chunk_blocks, open_activations
+from dissect.cluster import dask_client
 from dissect.layout import RunLayout
 from dissect.receptive_field import geometry_field, receptive_field
+from dissect.stages import extract, thresholds, topk
 from dissect.stages.topk import top_images
 
 
@@ -91,3 +95,81 @@ def test_stage_writes_top_k_from_the_stored_maxima(tmp_path, tiny_checkpoint):
                                                                                     first["unit"]].max()
     assert len(list(layout.topk_strips("features.conv3").glob("unit_*.jpg"))) == 16
     assert all(layout.topk_strip("features.conv3", unit).is_file() for unit in range(16))
+
+
+def python_top(maxima: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
+    """(k', U) by Python's sort of each unit's valid images on (-maximum, index): the reference order."""
+    columns = [sorted((i for i in range(len(maxima)) if valid[i]), key=lambda i: (-float(maxima[i, u]), i))[:k]
+               for u in range(maxima.shape[1])]
+    return np.array(columns, dtype=np.int64).reshape(maxima.shape[1], -1).T
+
+
+def planted_maxima(n: int = 103, units: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """(n, units) float32 maxima with many ties and (n,) valid, some invalid images above every valid one."""
+    rng = np.random.default_rng(3)
+    maxima = rng.integers(0, 5, size=(n, units)).astype(np.float32)  # 5 distinct values: ties everywhere
+    maxima[:, 0] = 2.0                                                # one unit ties on every image
+    maxima[10:20, 1] = 9.0                                            # a tie at the top across chunks
+    valid = rng.random(n) > 0.25
+    valid[30:60] = False                                              # whole chunks without a valid image
+    maxima[~valid, 2] = 99.0                                          # invalid images would be unit 2's best
+    return maxima, valid
+
+
+def test_block_wise_top_k_equals_top_images_with_planted_ties_and_invalid_images(tmp_path, compose_config):
+    maxima, valid = planted_maxima()
+    chunk = 3
+    root = zarr.open_group(tmp_path / "store.zarr", mode="w")
+    root.create_array("valid", data=valid, chunks=(chunk,))
+    array = root.require_group("layer").create_array("maxima", data=maxima, chunks=(chunk, maxima.shape[1]))
+    store_path = str(tmp_path / "store.zarr")
+    chunk_mib = chunk * maxima.shape[1] * 4 / 2**20
+    rng = np.random.default_rng(0)
+    with dask_client(compose_config([]).cluster) as client:
+        for k in (1, 4, 10, 200):
+            expected = python_top(maxima, valid, k)
+            assert expected.shape == (min(k, int(valid.sum())), maxima.shape[1])
+            np.testing.assert_array_equal(top_images(maxima, valid, k), expected)
+            for chunks_per_block in (1, 2, 5, 40):  # blocks of 3, 6, 15 and all 103 images: smaller and larger than k
+                blocks = chunk_blocks(array, chunks_per_block * chunk_mib)
+                assert [first for first, _ in blocks] == list(range(0, len(maxima), chunks_per_block * chunk))
+                candidates = [topk.block_candidates(store_path, "layer", first, last, k) for first, last in blocks]
+                assert all(len(values) == min(k, int(valid[first:last].sum()))
+                           for (values, _), (first, last) in zip(candidates, blocks))
+                arrival = rng.permutation(len(candidates))  # blocks merged in any order, as they finish
+                values, indices = candidates[arrival[0]]
+                for b in arrival[1:]:
+                    values, indices = topk.merge_candidates(np.concatenate([values, candidates[b][0]]),
+                                                            np.concatenate([indices, candidates[b][1]]), k)
+                np.testing.assert_array_equal(indices, expected)
+                np.testing.assert_array_equal(values, np.take_along_axis(maxima, expected, axis=0))
+                staged = topk.layer_candidates(client, store_path, ["layer"], k, chunks_per_block * chunk_mib)
+                np.testing.assert_array_equal(staged["layer"], expected)
+
+
+def test_stage_on_two_worker_processes_writes_the_same_files_as_in_process(tmp_path, tiny_checkpoint, two_workers,
+                                                                          monkeypatch):
+    probe = generate(tmp_path / "broden", n_images=24, size=64, seed=2, workers=1)
+    overrides = tiny_overrides(probe, tmp_path / "run", tiny_checkpoint) + [
+        "dataset=default", f"dataset.root={probe}", "layers=[features.conv2,features.conv3]", "topk.k=5",
+        "thresholds.quantile=0.02"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    for stage in (extract, thresholds):
+        stage.run(cfg)
+    shutil.copytree(tmp_path / "run", tmp_path / "cluster_run")
+    topk.run(cfg)  # in-process, default blocks: one block per array
+    # on the cluster with one chunk per block and two units per task, so every merge and group path is taken
+    monkeypatch.setattr(topk, "BLOCK_MIB", 0.0)
+    monkeypatch.setattr(topk, "MAX_UNITS_PER_TASK", 2)
+    topk.run(on_cluster(cfg, two_workers, out_dir=str(tmp_path / "cluster_run")))
+    here, there = RunLayout(tmp_path / "run"), RunLayout(tmp_path / "cluster_run")
+    assert open_activations(tmp_path / "run")["features.conv3"]["maps"].chunks[0] < 24  # several chunks per array
+    for layer in ("features.conv2", "features.conv3"):
+        assert here.topk_csv(layer).read_bytes() == there.topk_csv(layer).read_bytes()
+        assert here.receptive_field_json(layer).read_bytes() == there.receptive_field_json(layer).read_bytes()
+        strips = sorted(path.name for path in here.topk_strips(layer).glob("unit_*.jpg"))
+        assert strips == sorted(path.name for path in there.topk_strips(layer).glob("unit_*.jpg")) and strips
+        for name in strips:
+            assert (here.topk_strips(layer) / name).read_bytes() == (there.topk_strips(layer) / name).read_bytes()
+        assert there.stamp("topk", layer).read_bytes() == here.stamp("topk", layer).read_bytes()

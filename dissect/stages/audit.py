@@ -2,8 +2,14 @@
 
 Activations (one pass over ``<out_dir>/activations.zarr``, chunk by chunk along
 the image axis, so no layer is ever held whole in memory; invalid images are
-left out). For every unit u of every layer in ``layers`` (a map layer's values
-are its (h, w) positions per image, a vector layer has one value per image):
+left out). The pass runs on the run's dask cluster (``dissect.cluster``): one
+task per block of whole Zarr chunks (about ``BLOCK_MIB`` MiB, fixed by the
+array's chunking alone) returns that block's partial ``UnitTally``, and the
+client sums the partial tallies in block order, so the float sums are the same
+whichever worker ran a block and however many workers there are.
+
+For every unit u of every layer in ``layers`` (a map layer's values are its
+(h, w) positions per image, a vector layer has one value per image):
 
 - ``firing_rate``: share of valid probe images on which u *fires*, i.e. its
   maximum over the image's positions is > 0 (for a map layer this is
@@ -67,13 +73,15 @@ import numpy as np
 import pandas as pd
 import torch
 import zarr
+from distributed import Client, as_completed
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
-from dissect.artifacts import open_activations, write_json_atomic
+from dissect.artifacts import chunk_blocks, open_activations, write_json_atomic
+from dissect.cluster import check_worker_paths, dask_client
 from dissect.errors import DissectError
 from dissect.layout import RunLayout
 from dissect.models import load_model
@@ -95,6 +103,8 @@ NOISY_FILTER_SHARE = 0.5
 NEAR_ZERO_NORM = 0.01
 #: The filter grid is enlarged (nearest neighbour) to at least this width in pixels.
 GRID_MIN_WIDTH = 512
+#: A task tallies about this many MiB of a layer's stored values (whole chunks, at least one).
+BLOCK_MIB = 32.0
 
 
 class AuditError(DissectError):
@@ -137,22 +147,62 @@ class UnitTally:
         self.zeros += (block <= 0).sum(axis=(0, 2))
         self.images += len(block)
 
+    def merge(self, other: "UnitTally") -> None:
+        """Add the counts of another tally of the same layer (the sums in this order: self + other)."""
+        self.fired += other.fired
+        self.total += other.total
+        self.maximum = np.maximum(self.maximum, other.maximum)
+        self.zeros += other.zeros
+        self.images += other.images
 
-def layer_tally(store: zarr.Group, layer: str) -> UnitTally:
-    """Tally a layer's stored values over the valid images, one Zarr chunk of images at a time."""
+
+def stored_values(store: zarr.Group, layer: str) -> zarr.Array:
+    """A layer's stored array: (N, U, h, w) maps of a map layer, (N, D) activations of a vector layer."""
     kind = store.attrs["layers"][layer]["kind"]
-    array = store[layer]["maps" if kind == "map" else "activations"]
-    n_images, units = array.shape[:2]
-    positions = int(np.prod(array.shape[2:], dtype=np.int64))
-    valid = store["valid"][:]
+    return store[layer]["maps" if kind == "map" else "activations"]
+
+
+def block_tally(store_path: str, layer: str, first: int, last: int) -> UnitTally:
+    """Partial tally of the valid images first..last of a layer, one Zarr chunk at a time (runs on a dask worker)."""
+    store = zarr.open_group(store_path, mode="r")
+    array = stored_values(store, layer)
+    units, positions = array.shape[1], math.prod(array.shape[2:])
+    valid = store["valid"][first:last]
     tally = UnitTally.empty(units, positions)
     step = array.chunks[0]
-    for start in tqdm(range(0, n_images, step), desc=f"audit {layer}", unit="chunk"):
-        block = array[start:start + step][valid[start:start + step]]
+    for begin in range(first, last, step):
+        end = min(begin + step, last)
+        block = array[begin:end][valid[begin - first:end - first]]
         tally.add(block.reshape(len(block), units, positions))
-    if tally.images == 0:
-        raise AuditError(f"the activations hold no valid image for layer {layer!r}; nothing to audit")
     return tally
+
+
+def layer_tallies(client: Client, store_path: str, layers: list[str], block_mib: float) -> dict[str, UnitTally]:
+    """The tally of every layer over the valid images: block tasks of all layers at once, summed in block order.
+
+    The blocks are ``chunk_blocks(array, block_mib)``, set by the array's
+    chunking only, so the result does not depend on the cluster.
+    """
+    store = zarr.open_group(store_path, mode="r")
+    blocks = {layer: chunk_blocks(stored_values(store, layer), block_mib) for layer in layers}
+    where = {client.submit(block_tally, store_path, layer, first, last, pure=False): (layer, number, last - first)
+             for layer in layers for number, (first, last) in enumerate(blocks[layer])}
+    parts: dict[str, dict[int, UnitTally]] = {layer: {} for layer in layers}
+    with tqdm(total=sum(images for _, _, images in where.values()), desc="audit", unit="img") as bar:
+        for future in as_completed(list(where)):
+            layer, number, images = where.pop(future)
+            parts[layer][number] = future.result()
+            future.release()
+            bar.update(images)
+    tallies = {}
+    for layer in layers:
+        array = stored_values(store, layer)
+        tally = tallies[layer] = UnitTally.empty(array.shape[1], math.prod(array.shape[2:]))
+        for number in range(len(blocks[layer])):
+            tally.merge(parts[layer][number])
+        if tally.images == 0:
+            raise AuditError(f"the activations hold no valid image for layer {layer!r}; nothing to audit")
+    return tallies
 
 
 def unit_table(layer: str, tally: UnitTally, nearly_dead_share: float, always_on_share: float) -> pd.DataFrame:
@@ -380,10 +430,13 @@ def run(cfg: DictConfig) -> Path:
     if stored_model is not None and stored_model != loaded.description:
         raise AuditError(f"the activations in {run_dir} come from the model {stored_model}, not from the configured "
                          f"{loaded.description}; audit with the model config used for extract")
+    with dask_client(cfg.cluster) as client:
+        check_worker_paths(client, [layout.activations])
+        tallies = layer_tallies(client, str(layout.activations), layers, BLOCK_MIB)
     start(layout, "audit")
     tables, summaries = [], []
     for layer in layers:
-        tally = layer_tally(store, layer)
+        tally = tallies[layer]
         units = unit_table(layer, tally, nearly_dead_share, always_on_share)
         summary = layer_summary(layer, store.attrs["layers"][layer]["kind"], units, tally, bins)
         save_histogram(summary, nearly_dead_share, layout.firing_rates_png(layer))

@@ -237,7 +237,7 @@ def run_shards(cfg: DictConfig, job: ShardJob, todo: list[int], n_images: int, p
     markers = Path(job.markers)
     total = sum(len(chunk_images(chunk, job.chunk_len, n_images)) for chunk in todo)
     with dask_client(cfg.cluster) as client:
-        check_worker_paths(client, [job.store, job.markers, probe_root, *extra_paths])
+        check_worker_paths(client, [probe_root, *extra_paths], writable=[job.store, job.markers])
         futures = [client.submit(extract_shard, job, piece, n_images, pure=False)
                    for piece in shards(todo, worker_count(client))]
         pending = set(todo)
