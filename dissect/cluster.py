@@ -214,6 +214,9 @@ class ClusterSession:
         return self.client
 
     def close(self) -> None:
+        """Drop what the workers keep (a model on a GPU) and close the cluster, or the connection to it."""
+        if self.client is not None:
+            self.client.run(clear_worker_state)
         if self._opened is not None:
             self._opened.__exit__(None, None, None)
         self._opened = self.client = None
@@ -283,6 +286,12 @@ def worker_state(key: str, factory: Callable[[], State]) -> State:
             _STATE.clear()  # one model per worker at a time: a new run's model replaces the last one
             _STATE[key] = factory()
         return _STATE[key]
+
+
+def clear_worker_state() -> None:
+    """Forget this process's ``worker_state`` (run on every worker when a run ends)."""
+    with _STATE_LOCK:
+        _STATE.clear()
 
 
 def device_lock() -> threading.Lock:

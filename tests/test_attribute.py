@@ -2,6 +2,7 @@
 
 import math
 import os
+import shutil
 from dataclasses import fields
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import CONF_DIR
+from conftest import CONF_DIR, on_cluster, tiny_overrides, write_activation_store
 from data_prep.synthetic_broden import generate
 from dissect.stages import attribute, extract, tally, thresholds, topk
 from dissect.artifacts import read_json
@@ -584,6 +585,74 @@ def test_the_summary_flags_the_methods_whose_final_correlation_exceeds_the_limit
         "lime": {"final_spearman": 0.75, "flagged": True}}
     assert result["pairs"] == {"unit": 3, "class": 1} and result["units"] == 2
     assert result["methods"]["saliency"]["pairs_per_second"] == 2.0  # 4 pairs in 2 s
+
+
+# ------------------------------------------------------------------------------- on a cluster of processes
+
+
+def stage_outputs(layout: RunLayout) -> dict[str, bytes]:
+    """The bytes of every table and strip the stage wrote (maps.zarr and attribute.json are compared apart)."""
+    paths = [layout.attribute_pairs_csv, layout.attribute_agreement_csv, layout.attribute_randomisation_csv,
+             *sorted((layout.attribute_dir / "strips").rglob("*.png"))]
+    return {str(path.relative_to(layout.attribute_dir)): path.read_bytes() for path in paths if path.exists()}
+
+
+def run_here_and_there(cfg, cluster, here: Path, there: Path) -> tuple[RunLayout, RunLayout]:
+    """The stage in this process on one thread (the default in-process cluster), then on ``cluster``.
+
+    One thread, as dask gives each worker process (OMP_NUM_THREADS=1): the same CPU kernels then sum in the
+    same order. (At 2 threads the backward pass of a convolution sums in another order, and a few float16
+    map values differ in the last bit: 1 of the 28672 saliency values of the checkpointed test.)
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        attribute.run(OmegaConf.merge(cfg, {"out_dir": str(here)}))
+    finally:
+        torch.set_num_threads(threads)
+    attribute.run(on_cluster(cfg, cluster, out_dir=str(there)))
+    return RunLayout(here), RunLayout(there)
+
+
+def assert_same_outputs(here: RunLayout, there: RunLayout, tables: set[str]) -> dict[str, int]:
+    """Tables, strips and maps.zarr arrays equal bit for bit; returns the tasks each worker ran (attribute.json)."""
+    assert tables < set(stage_outputs(here))
+    assert stage_outputs(there) == stage_outputs(here)
+    maps_here, maps_there = (zarr.open_group(layout.attribute_maps, mode="r") for layout in (here, there))
+    assert maps_there.attrs["complete"] == maps_here.attrs["complete"] == list(METHODS)
+    for method in METHODS:
+        np.testing.assert_array_equal(maps_there[method][:], maps_here[method][:], err_msg=method)
+        np.testing.assert_array_equal(maps_there["scale"][method][:], maps_here["scale"][method][:], err_msg=method)
+    in_process = read_json(here.attribute_json)["workers"]
+    assert len(in_process) == 1 and next(iter(in_process)).startswith("inproc://")  # the default cluster
+    summary = read_json(there.attribute_json)
+    assert summary["device"] == "cpu"
+    return {address: entry["tasks"] for address, entry in summary["workers"].items()}
+
+
+def test_on_two_worker_processes_the_stage_writes_what_it_writes_in_process(planted_run, two_workers, tmp_path):
+    cfg, _ = planted_run
+    for name in ("here", "there"):
+        shutil.copytree(cfg.out_dir, tmp_path / name, ignore=shutil.ignore_patterns("attribute"))
+    here, there = run_here_and_there(cfg, two_workers, tmp_path / "here", tmp_path / "there")
+    tasks = assert_same_outputs(here, there, {"pairs.csv", "agreement.csv", "randomisation.csv"})
+    assert set(tasks) == {worker.worker_address for worker in two_workers.workers.values()}
+    assert min(tasks.values()) > 0, tasks  # both workers computed maps
+    # 5 pairs in 2 batches (the unit's 3, the 2 class pairs) x 9 methods, and 2 randomisation steps x 9 methods
+    assert sum(tasks.values()) == 2 * 9 + 2 * 9
+
+
+def test_class_maps_of_a_checkpointed_model_on_two_worker_processes_equal_the_in_process_ones(
+        image_folder, tiny_checkpoint, two_workers, compose_config, tmp_path):
+    cfg = compose_config(tiny_overrides(image_folder, tmp_path / "here", tiny_checkpoint))
+    cfg = OmegaConf.merge(cfg, {"attribute": {**SETTINGS, "units": "none", "class_images": 7, "batch_size": 3}})
+    image_ids = attribute.stage.open_probe_set(cfg.dataset).image_ids
+    for name in ("here", "there"):  # the stage reads only the image ids and validity of the extract stage's store
+        write_activation_store(tmp_path / name, image_ids, {"features.conv2": np.zeros((len(image_ids), 1, 1, 1))})
+    here, there = run_here_and_there(cfg, two_workers, tmp_path / "here", tmp_path / "there")
+    tasks = assert_same_outputs(here, there, {"pairs.csv", "randomisation.csv"})  # no agreement on a plain folder
+    assert len(tasks) == 2 and min(tasks.values()) > 0, tasks
+    assert sum(tasks.values()) == 3 * 9 + 2 * 9  # 7 pairs in 3 batches x 9 methods, 2 randomisation steps x 9
 
 
 def test_a_finished_stage_is_skipped(planted_run):

@@ -1,5 +1,6 @@
 """The cluster back end: every kind of cluster from config, extract on worker processes, a lost worker, SLURM."""
 
+import json
 import os
 import signal
 import subprocess
@@ -221,3 +222,52 @@ def test_cluster_slurm_starts_workers_through_sbatch_and_they_extract_and_tally(
     assert_same_activations(local_dir, slurm_dir)
     for layer in ("features.conv2", "features.conv3"):
         assert RunLayout(local_dir).tally_csv(layer).read_bytes() == RunLayout(slurm_dir).tally_csv(layer).read_bytes()
+
+
+#: Files of a run directory that record when, where or by whom (times, pids, hosts), not what was computed.
+RUN_RECORDS = ("logs/", "extract/chunks/", "activations.zarr/zarr.json")
+#: JSON keys that hold times or the workers that ran a stage, in files that otherwise hold results.
+RECORD_KEYS = {"seconds", "pairs_per_second", "workers"}
+
+
+def without_records(value):
+    """A JSON value without RECORD_KEYS at any depth."""
+    if isinstance(value, dict):
+        return {key: without_records(item) for key, item in value.items() if key not in RECORD_KEYS}
+    if isinstance(value, list):
+        return [without_records(item) for item in value]
+    return value
+
+
+def run_files(run_dir: Path) -> dict[str, object]:
+    """Every file of a run directory by relative path (JSON without RECORD_KEYS), except RUN_RECORDS."""
+    files: dict[str, object] = {}
+    for path in sorted(run_dir.rglob("*")):
+        name = str(path.relative_to(run_dir))
+        if path.is_file() and not name.startswith(RUN_RECORDS):
+            files[name] = without_records(json.loads(path.read_bytes())) if path.suffix == ".json" else path.read_bytes()
+    return files
+
+
+def test_every_stage_on_two_worker_processes_writes_what_the_in_process_run_writes(tiny_checkpoint, two_workers,
+                                                                                  tmp_path):
+    from data_prep.synthetic_broden import generate
+
+    probe = generate(tmp_path / "broden", n_images=32, size=64, seed=4, workers=1)
+    stages = "stages=[extract,thresholds,tally,topk,audit,attribute]"
+    common = ["dataset=default", f"dataset.root={probe}", "layers=[features.conv2,features.conv3,classifier.fc1]",
+              "thresholds.quantile=0.02", stages]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the workers' thread count: the same CPU kernels run
+    local_dir, cluster_dir = tmp_path / "local", tmp_path / "cluster"
+    for run_dir, cluster in ((local_dir, []),
+                             (cluster_dir, ["cluster=address", f"cluster.address={two_workers.scheduler_address}"])):
+        result = subprocess.run([sys.executable, "-m", "dissect", *tiny_overrides(probe, run_dir, tiny_checkpoint),
+                                 *common, *cluster], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    worker_pids = {worker.process.pid for worker in two_workers.workers.values()}
+    assert marker_pids(cluster_dir) <= worker_pids and len(marker_pids(cluster_dir)) == 2
+    local, cluster = run_files(local_dir), run_files(cluster_dir)
+    assert sorted(local) == sorted(cluster)
+    assert any(name.endswith("maps.zarr/zarr.json") for name in local) and any(".jpg" in name for name in local)
+    differing = [name for name in local if local[name] != cluster[name]]
+    assert not differing, differing

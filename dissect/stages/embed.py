@@ -232,9 +232,9 @@ def read_features(store: zarr.Group, layer: str) -> tuple[np.ndarray, np.ndarray
     valid = store["valid"][:]
     step = array.chunks[0]
     blocks = []
-    for start in tqdm(range(0, array.shape[0], step), desc=f"embed: read {layer}", unit="chunk"):
-        keep = valid[start:start + step]
-        block = array[start:start + step][keep].astype(np.float32)
+    for first in tqdm(range(0, array.shape[0], step), desc=f"embed: read {layer}", unit="chunk"):
+        keep = valid[first:first + step]
+        block = array[first:first + step][keep].astype(np.float32)
         blocks.append(block.mean(axis=(2, 3)) if is_map else block)
     return np.concatenate(blocks), np.flatnonzero(valid)
 
@@ -313,9 +313,9 @@ def nearest_neighbours(features: np.ndarray, queries: np.ndarray, k: int) -> tup
     """
     points = features[queries].astype(np.float64)
     squared = np.empty((len(queries), len(features)))
-    for start in range(0, len(features), FEATURE_BLOCK_ROWS):
-        block = features[start:start + FEATURE_BLOCK_ROWS].astype(np.float64)
-        squared[:, start:start + len(block)] = (
+    for first in range(0, len(features), FEATURE_BLOCK_ROWS):
+        block = features[first:first + FEATURE_BLOCK_ROWS].astype(np.float64)
+        squared[:, first:first + len(block)] = (
             (block**2).sum(axis=1)[None, :] + (points**2).sum(axis=1)[:, None] - 2 * points @ block.T)
     squared = np.maximum(squared, 0)
     squared[np.arange(len(queries)), queries] = np.inf

@@ -250,8 +250,8 @@ def _save_part(parts: Path, start: int, block: dict[str, Any]) -> None:
 def _sum_parts(parts: Path, starts: list[int]) -> tuple[dict[str, np.ndarray], list[tuple[int, str]]]:
     totals: dict[str, np.ndarray] = {}
     skipped: list[tuple[int, str]] = []
-    for start in starts:
-        with np.load(_part_path(parts, start)) as part:
+    for first in starts:
+        with np.load(_part_path(parts, first)) as part:
             for key in part.files:
                 if key.startswith("skipped_"):
                     continue

@@ -11,6 +11,14 @@ targets (B,)), in chunks of ``attribute.batch_size`` pairs; LIME alone is
 called per image (Captum fits one linear model per image in any case), with
 the same seed, so that its maps do not depend on the batch.
 
+Where it runs. The model work (each method on each pair batch, each step
+and method of the randomisation check) runs as dask tasks on the run's
+cluster (``dissect.cluster``; by default one in-process worker), each worker
+with its own copy of the model on its own device, loaded once per worker;
+this process builds the pairs and writes every output. The maps and tables
+do not depend on which worker ran what (every random draw is seeded per
+piece); ``stage`` and ``worker`` say how.
+
 Methods (all from Captum; this module is glue) and the map each one stores,
 (S, S) per pair:
 
@@ -67,21 +75,28 @@ Outputs in ``<out_dir>/attribute/``:
   trained model's by the Spearman rank correlation of their absolute values
   (mean and standard deviation over the pairs whose trained map is not
   constant; a randomised map that became constant counts 0).
-- ``attribute.json``: settings, conventions, timings, agreement per method,
-  final randomisation correlations and the methods flagged because their maps
-  barely change once every layer is randomised (correlation above
-  ``max_correlation``).
+- ``attribute.json``: settings, conventions, timings (model seconds per
+  method, summed over the workers), the device(s) and the workers (address:
+  device, tasks run), agreement per method, final randomisation correlations
+  and the methods flagged because their maps barely change once every layer
+  is randomised (correlation above ``max_correlation``).
 - the stage's stamp, written last (inputs: the settings, the model, the probe
   set, the layers, ``tally.iou_threshold`` and the tally and topk stamps of
   every layer), so a new tally or new top-k images re-run the stage.
 """
 
 from dissect.stages.attribute.checks import (
+    RANDOMISATION_COLUMNS,
     agreement_table,
     cascade_modules,
+    cascade_stops,
     concept_mask,
+    correlation_row,
     positive_share_inside,
+    randomisation_cascade,
     randomisation_check,
+    randomised_maps,
+    randomised_model,
     spearman_abs,
 )
 from dissect.stages.attribute.errors import AttributionError
@@ -142,13 +157,18 @@ from dissect.stages.attribute.settings import (
 from dissect.stages.attribute.stage import (
     FORMAT,
     check,
+    compute_on_cluster,
     cost_sentence,
+    create_method,
     drop_undefined_guided_methods,
+    mark_complete,
+    model_spec,
     open_maps,
+    prepare_workers,
+    randomisation_pairs,
     run,
     stage_inputs,
     summary,
-    write_method,
 )
 from dissect.stages.attribute.strips import (
     GAP,
@@ -158,16 +178,22 @@ from dissect.stages.attribute.strips import (
     strip_image,
     write_strips,
 )
+from dissect.stages.attribute.worker import (
+    ModelSpec,
+    Piece,
+    load_seeded,
+    maps_task,
+    randomised_task,
+    share_model,
+    worker_device,
+    worker_model,
+)
 
 __all__ = [
     "ABSOLUTE_METHODS",
-    "AttributeSettings",
-    "AttributionError",
-    "Batch",
     "CAPTUM_NOISE",
     "DEVICE_DEFAULTS",
     "DEVICE_DEFAULT_KEYS",
-    "Explained",
     "FORMAT",
     "GAP",
     "GUIDED_METHODS",
@@ -175,13 +201,20 @@ __all__ = [
     "MAP_CONVENTIONS",
     "METHODS",
     "METHOD_TABLE",
-    "Method",
-    "MethodSettings",
-    "PairBatch",
-    "PreparedModel",
+    "RANDOMISATION_COLUMNS",
     "SETTING_KEYS",
     "TILE",
     "UNIT_SELECTIONS",
+    "AttributeSettings",
+    "AttributionError",
+    "Batch",
+    "Explained",
+    "Method",
+    "MethodSettings",
+    "ModelSpec",
+    "PairBatch",
+    "Piece",
+    "PreparedModel",
     "UnitMaxima",
     "agreement_table",
     "attribution_maps",
@@ -189,12 +222,16 @@ __all__ = [
     "build_pairs",
     "call_counts",
     "cascade_modules",
+    "cascade_stops",
     "check",
     "check_grad_cam_layers",
     "class_image_indices",
     "compute_maps",
+    "compute_on_cluster",
     "concept_mask",
+    "correlation_row",
     "cost_sentence",
+    "create_method",
     "drop_undefined_guided_methods",
     "explained",
     "forward_order",
@@ -205,7 +242,11 @@ __all__ = [
     "lime",
     "lime_maps",
     "load_images",
+    "load_seeded",
+    "maps_task",
+    "mark_complete",
     "model_passes",
+    "model_spec",
     "occlusion",
     "occlusion_passes",
     "open_maps",
@@ -213,12 +254,19 @@ __all__ = [
     "positive_share_inside",
     "predicted_classes",
     "prepare_model",
+    "prepare_workers",
+    "randomisation_cascade",
     "randomisation_check",
+    "randomisation_pairs",
+    "randomised_maps",
+    "randomised_model",
+    "randomised_task",
     "read_maps",
     "read_settings",
     "run",
     "scores",
     "select_units",
+    "share_model",
     "spearman_abs",
     "stage_inputs",
     "stored_form",
@@ -226,6 +274,7 @@ __all__ = [
     "summary",
     "superpixels",
     "unit_pair_rows",
-    "write_method",
+    "worker_device",
+    "worker_model",
     "write_strips",
 ]

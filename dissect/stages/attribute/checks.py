@@ -58,6 +58,60 @@ def cascade_modules(model: PreparedModel, example: torch.Tensor) -> list[str]:
             if hasattr(modules[name], "reset_parameters") and list(modules[name].parameters(recurse=False))]
 
 
+def randomisation_cascade(model: PreparedModel, images: torch.Tensor, preprocessing: Preprocessing,
+                          device: torch.device) -> list[str]:
+    """``cascade_modules`` on the first of the (P, 3, S, S) uint8 images; AttributionError when there is none."""
+    cascade = cascade_modules(model, preprocessing.normalise(images[:1].to(device)))
+    if not cascade:
+        raise AttributionError("the model has no module with parameters and reset_parameters to randomise")
+    return cascade
+
+
+#: The columns of randomisation.csv, one row per step and method.
+RANDOMISATION_COLUMNS = ["step", "randomised", "deepest", "method", "spearman_mean", "spearman_std", "pairs"]
+
+
+def cascade_stops(modules: int, steps: int) -> list[int]:
+    """How many modules of a cascade of ``modules`` are re-initialised after each of ``min(steps, modules)`` steps."""
+    stages = min(steps, modules)
+    return [math.ceil(step * modules / stages) for step in range(1, stages + 1)]
+
+
+def randomised_model(model: PreparedModel, cascade: list[str], upto: int, seed: int,
+                     device: torch.device) -> PreparedModel:
+    """A copy of ``model`` whose first ``upto`` cascade modules are re-initialised, in cascade order.
+
+    torch's generator is seeded with ``seed`` first and only ``reset_parameters``
+    draws from it, so the weights after ``upto`` modules are the same whether
+    the earlier steps ran before in this process, in another process, or not at all.
+    """
+    random_model = copy.deepcopy(model)
+    modules = dict(random_model.net.named_modules())
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for name in cascade[:upto]:
+            modules[name].reset_parameters()
+    return random_model
+
+
+def randomised_maps(model: PreparedModel, cascade: list[str], upto: int, pairs: pd.DataFrame, images: torch.Tensor,
+                    method: str, settings: MethodSettings, preprocessing: Preprocessing, batch_size: int,
+                    device: torch.device) -> np.ndarray:
+    """(P, 3, S, S) uint8 images of ``pairs`` -> (P, S, S) float16 stored maps of the model randomised up to ``upto``."""
+    random_model = randomised_model(model, cascade, upto, settings.seed, device)
+    return stored_form(compute_maps(random_model, pairs, images, method, settings, preprocessing, batch_size,
+                                    device))[0]
+
+
+def correlation_row(step: int, upto: int, cascade: list[str], method: str, trained: np.ndarray,
+                    randomised: np.ndarray) -> tuple[int, int, str, str, float, float, int]:
+    """The randomisation.csv row of one step and method from (P, S, S) trained and randomised stored maps."""
+    correlation = spearman_abs(trained, randomised)
+    defined = correlation[~np.isnan(correlation)]
+    return (step, upto, cascade[upto - 1], method, float(defined.mean()) if len(defined) else float("nan"),
+            float(defined.std()) if len(defined) else float("nan"), len(defined))
+
+
 def randomisation_check(model: PreparedModel, pairs: pd.DataFrame, images: torch.Tensor,
                         trained: dict[str, np.ndarray], settings: MethodSettings, preprocessing: Preprocessing,
                         batch_size: int, steps: int, device: torch.device) -> pd.DataFrame:
@@ -67,31 +121,17 @@ def randomisation_check(model: PreparedModel, pairs: pd.DataFrame, images: torch
     Returns rows step, randomised (modules re-initialised so far), deepest (the
     earliest-called of them), method, spearman_mean, spearman_std, pairs (those
     whose trained map is not constant, over which mean and std are taken).
+    Runs in this process; the stage runs each (step, method) as a task of its
+    own (``dissect.stages.attribute.worker``) with the same result.
     """
-    random_model = copy.deepcopy(model)
-    example = preprocessing.normalise(images[:1].to(device))
-    cascade = cascade_modules(random_model, example)
-    if not cascade:
-        raise AttributionError("the model has no module with parameters and reset_parameters to randomise")
-    modules = dict(random_model.net.named_modules())
+    cascade = randomisation_cascade(model, images, preprocessing, device)
     rows = []
-    done = 0
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(settings.seed)
-        for step in tqdm(range(1, min(steps, len(cascade)) + 1), desc="randomisation", unit="step"):
-            upto = math.ceil(step * len(cascade) / min(steps, len(cascade)))
-            for name in cascade[done:upto]:
-                modules[name].reset_parameters()
-            done = upto
-            for method, trained_maps in trained.items():
-                maps = compute_maps(random_model, pairs, images, method, settings, preprocessing, batch_size, device)
-                correlation = spearman_abs(trained_maps, stored_form(maps)[0])
-                defined = correlation[~np.isnan(correlation)]
-                rows.append((step, done, cascade[done - 1], method,
-                             float(defined.mean()) if len(defined) else float("nan"),
-                             float(defined.std()) if len(defined) else float("nan"), len(defined)))
-    return pd.DataFrame.from_records(rows, columns=["step", "randomised", "deepest", "method", "spearman_mean",
-                                                    "spearman_std", "pairs"])
+    for step, upto in enumerate(tqdm(cascade_stops(len(cascade), steps), desc="randomisation", unit="step"), 1):
+        for method, trained_maps in trained.items():
+            maps = randomised_maps(model, cascade, upto, pairs, images, method, settings, preprocessing, batch_size,
+                                   device)
+            rows.append(correlation_row(step, upto, cascade, method, trained_maps, maps))
+    return pd.DataFrame.from_records(rows, columns=RANDOMISATION_COLUMNS)
 
 
 def concept_mask(broden: BrodenDataset, index: int, number: int, category: str, size: int) -> np.ndarray:
