@@ -19,7 +19,7 @@ see the run directory and the probe set at the same paths as this process;
 
 Tasks that need a model keep it in their worker process (``worker_state``), so
 it is loaded once per worker, not once per task, and take ``device_lock`` so a
-worker with several threads runs one model pass at a time.
+worker with several threads runs one model pass at a time, on all of them.
 """
 
 import importlib.util
@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import dask
-from distributed import Client, LocalCluster
+import torch
+from distributed import Client, LocalCluster, get_worker
 from omegaconf import DictConfig
 
 from dissect.errors import ConfigError, DissectError
@@ -294,6 +295,23 @@ def clear_worker_state() -> None:
         _STATE.clear()
 
 
-def device_lock() -> threading.Lock:
-    """The lock a task holds while it runs a model, so one worker process runs one model pass at a time."""
-    return _DEVICE_LOCK
+@contextmanager
+def device_lock() -> Iterator[None]:
+    """Hold this process's model lock, so one worker runs one model pass at a time, with all its threads.
+
+    Inside a dask worker, torch's CPU threads in the calling task thread are set
+    to the worker's thread count: dask starts worker processes with
+    OMP_NUM_THREADS=1, which would leave a worker's other cores idle.
+    """
+    with _DEVICE_LOCK:
+        try:
+            threads = get_worker().state.nthreads
+        except ValueError:  # not on a dask worker
+            yield
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)

@@ -598,18 +598,13 @@ def stage_outputs(layout: RunLayout) -> dict[str, bytes]:
 
 
 def run_here_and_there(cfg, cluster, here: Path, there: Path) -> tuple[RunLayout, RunLayout]:
-    """The stage in this process on one thread (the default in-process cluster), then on ``cluster``.
+    """The stage on the default in-process cluster with one thread, then on ``cluster`` (one thread per worker).
 
-    One thread, as dask gives each worker process (OMP_NUM_THREADS=1): the same CPU kernels then sum in the
-    same order. (At 2 threads the backward pass of a convolution sums in another order, and a few float16
-    map values differ in the last bit: 1 of the 28672 saliency values of the checkpointed test.)
+    The same thread count makes the same CPU kernels sum in the same order. (At 2 threads the backward pass
+    of a convolution sums in another order, and a few float16 map values differ in the last bit: 1 of the
+    28672 saliency values of the checkpointed test.)
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        attribute.run(OmegaConf.merge(cfg, {"out_dir": str(here)}))
-    finally:
-        torch.set_num_threads(threads)
+    attribute.run(OmegaConf.merge(cfg, {"out_dir": str(here), "cluster": {"threads_per_worker": 1}}))
     attribute.run(on_cluster(cfg, cluster, out_dir=str(there)))
     return RunLayout(here), RunLayout(there)
 

@@ -46,12 +46,12 @@ def probe_80(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def in_process_reference(probe_80, tiny_checkpoint, tmp_path_factory):
     """The activations of the 80 images extracted by ``python -m dissect`` on its default in-process cluster.
 
-    With one OpenMP thread, as dask gives each worker process (OMP_NUM_THREADS=1): the same CPU kernels then
-    run, so the arrays must be bit-identical. (With other thread counts, convolutions sum in another order and
-    a few float16 values differ in the last bit.)
+    With one thread, as each worker of ``two_workers`` has: the same CPU kernels then run, so the arrays must be
+    bit-identical. (With other thread counts, convolutions sum in another order and a few float16 values
+    differ in the last bit.)
     """
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    overrides = tiny_overrides(probe_80, run_dir, tiny_checkpoint)
+    overrides = [*tiny_overrides(probe_80, run_dir, tiny_checkpoint), "cluster.threads_per_worker=1"]
     subprocess.run([sys.executable, "-m", "dissect", "stages=[extract]", *overrides], cwd=REPO, check=True,
                    capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -203,8 +203,8 @@ def test_cluster_slurm_starts_workers_through_sbatch_and_they_extract_and_tally(
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FAKE_SLURM_DIR": str(jobs_dir),
            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     local_dir, slurm_dir = tmp_path / "local", tmp_path / "slurm"
-    subprocess.run([sys.executable, "-m", "dissect", *tiny_overrides(probe, local_dir, tiny_checkpoint), *common],
-                   cwd=REPO, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "dissect", *tiny_overrides(probe, local_dir, tiny_checkpoint), *common,
+                    "cluster.threads_per_worker=1"], cwd=REPO, env=env, check=True, capture_output=True)
     slurm = ["cluster=slurm", "cluster.jobs=1", "cluster.cores=1", "cluster.processes=1", "cluster.memory=2GB",
              "cluster.walltime=00:10:00", "cluster.interface=lo", "cluster.dashboard_address=null",
              "cluster.wait_for_workers_s=120", f"cluster.local_directory={tmp_path / 'scratch'}"]
@@ -257,9 +257,9 @@ def test_every_stage_on_two_worker_processes_writes_what_the_in_process_run_writ
     stages = "stages=[extract,thresholds,tally,topk,audit,attribute]"
     common = ["dataset=default", f"dataset.root={probe}", "layers=[features.conv2,features.conv3,classifier.fc1]",
               "thresholds.quantile=0.02", stages]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the workers' thread count: the same CPU kernels run
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     local_dir, cluster_dir = tmp_path / "local", tmp_path / "cluster"
-    for run_dir, cluster in ((local_dir, []),
+    for run_dir, cluster in ((local_dir, ["cluster.threads_per_worker=1"]),
                              (cluster_dir, ["cluster=address", f"cluster.address={two_workers.scheduler_address}"])):
         result = subprocess.run([sys.executable, "-m", "dissect", *tiny_overrides(probe, run_dir, tiny_checkpoint),
                                  *common, *cluster], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
