@@ -254,6 +254,11 @@ def worker_count(client: Client) -> int:
     return max(1, len(client.scheduler_info()["workers"]))
 
 
+def runs_in_this_process(client: Client) -> bool:
+    """Whether a worker of the client's cluster lives in this process (the default in-process cluster)."""
+    return os.getpid() in client.run(os.getpid).values()
+
+
 def _inaccessible(readable: Sequence[str], writable: Sequence[str]) -> list[str]:
     """What this process cannot do of reading ``readable`` and writing ``writable`` (runs on every worker)."""
     return ([f"cannot read {path}" for path in readable if not os.access(path, os.R_OK)]

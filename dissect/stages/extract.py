@@ -44,6 +44,7 @@ import multiprocessing
 import os
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ from dissect.cluster import (
     check_worker_paths,
     dask_client,
     device_lock,
+    runs_in_this_process,
     worker_count,
     worker_state,
 )
@@ -178,7 +180,6 @@ def run(cfg: DictConfig) -> Path:
         return store_path
     create_arrays(store_path, probe, specs, chunk_len)
     _set_store_attributes(store_path, loaded, specs, preprocessing, probe, cfg)
-    del loaded
     n_chunks = math.ceil(len(probe) / chunk_len)
     layout.extract_chunks.mkdir(parents=True, exist_ok=True)
     todo = [chunk for chunk in range(n_chunks) if not layout.chunk_marker(chunk).exists()]
@@ -190,7 +191,11 @@ def run(cfg: DictConfig) -> Path:
                    batch_size=settings.batch_size, num_workers=settings.num_workers, device=settings.device,
                    amp=settings.amp)
     started = time.perf_counter()
-    devices = run_shards(cfg, job, todo, len(probe), probe.root, loaded_checkpoint(job))
+    def this_model() -> WorkerModel:  # an in-process worker takes the model loaded here instead of loading it again
+        device = pick_device(job.device, "extract.device")
+        return WorkerModel(loaded.module.to(device).eval(), device, preprocessing, probe.image_paths)
+
+    devices = run_shards(cfg, job, todo, len(probe), probe.root, loaded_checkpoint(job), this_model)
     seconds = time.perf_counter() - started
     images = sum(len(chunk_images(chunk, chunk_len, len(probe))) for chunk in todo)
     finish_store(layout, probe, n_chunks, {"images": images, "seconds": round(seconds, 3),
@@ -230,7 +235,7 @@ def shards(chunks: list[int], workers: int) -> list[list[int]]:
 
 
 def run_shards(cfg: DictConfig, job: ShardJob, todo: list[int], n_images: int, probe_root: Path,
-               extra_paths: list[Path]) -> set[str]:
+               extra_paths: list[Path], this_model: Callable[[], WorkerModel]) -> set[str]:
     """Extract the chunks ``todo`` on the run's cluster; show progress from the markers; return the devices used."""
     if not todo:
         return set()
@@ -238,6 +243,8 @@ def run_shards(cfg: DictConfig, job: ShardJob, todo: list[int], n_images: int, p
     total = sum(len(chunk_images(chunk, job.chunk_len, n_images)) for chunk in todo)
     with dask_client(cfg.cluster) as client:
         check_worker_paths(client, [probe_root, *extra_paths], writable=[job.store, job.markers])
+        if runs_in_this_process(client):
+            worker_state(job.state_key, this_model)
         futures = [client.submit(extract_shard, job, piece, n_images, pure=False)
                    for piece in shards(todo, worker_count(client))]
         pending = set(todo)
