@@ -131,12 +131,13 @@ def two_workers():
 
     cluster = local_cluster(LocalClusterSettings(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                                  dashboard_address=None))
-    pids = [worker.process.pid for worker in cluster.workers.values()]
+    pids = {worker.process.pid for worker in cluster.workers.values()}
     try:
         yield cluster
     finally:
+        pids |= {worker.process.pid for worker in cluster.workers.values()} - {None}  # restarted after a kill
         cluster.close()
-        for pid in pids:  # a worker the test killed was restarted by its nanny under a new pid
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
