@@ -1,7 +1,9 @@
 """Command line: build the synthetic Broden set, download the real one, or verify a Broden directory.
 
     python -m data_prep synthetic --out data/synthetic_broden --n-images 3000 --size 224 --seed 0
-    python -m data_prep download --size 224 --out data/
+    python -m data_prep download --size 224 --out data/ [--mirror URL ...]
+    python -m data_prep download --size 224 --out data/ --from-zip PATH
+    python -m data_prep convert semantic|coco-panoptic SRC --out DIR   (see data_prep/convert)
     python -m data_prep verify DIR
     python -m data_prep train-embedded --data data/synthetic_broden --out data/embedded_model
 """
@@ -13,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from data_prep.broden_download import SIZES, DownloadError, download
+from data_prep import convert as convert_command
+from data_prep.broden_download import MIRRORS, SIZES, DownloadError, download, install_zip
 from data_prep.synthetic_broden import LABELS, generate, is_complete
 from dissect.embedded_training import EPOCHS, train_embedded
 from data_prep.verify_broden import verify
@@ -33,6 +36,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     fetch = commands.add_parser("download", help="download, unpack and verify the real Broden data set")
     fetch.add_argument("--size", type=int, choices=SIZES, default=224)
     fetch.add_argument("--out", type=Path, default=Path("data"))
+    fetch.add_argument("--mirror", action="append", metavar="URL",
+                       help="directory URL holding broden1_<size>.zip (or the zip's URL); repeat for several, "
+                            f"tried in order; replaces the default list: {', '.join(MIRRORS)}")
+    fetch.add_argument("--from-zip", type=Path, metavar="PATH",
+                       help="check, unpack and verify this local Broden zip instead of downloading")
+    convert_command.add_parser(commands)
     check = commands.add_parser("verify", help="check every file of a Broden directory")
     check.add_argument("root", type=Path)
     train = commands.add_parser("train-embedded", help="train the embedded default model on the generated set")
@@ -45,8 +54,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; return the exit code (1 when something is wrong)."""
+    """Run one command; return the exit code (2 for a bad input or an unreachable download, 1 when verify
+    finds problems)."""
     args = parse_args(argv)
+    if args.command == "convert":
+        return convert_command.main(args)
     if args.command == "synthetic":
         if is_complete(args.out, args.n_images, args.size, args.seed):
             print(f"{args.out} is already complete ({args.n_images} images, size {args.size}, seed {args.seed})")
@@ -60,10 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "download":
         try:
-            root = download(args.size, args.out)
+            if args.from_zip is not None:
+                root = install_zip(args.size, args.from_zip, args.out)
+            else:
+                root = download(args.size, args.out, tuple(args.mirror or MIRRORS))
         except DownloadError as error:
             print(f"error: {error}", file=sys.stderr)
-            return 1
+            return 2
         print(f"ok: {root}")
         return 0
     if args.command == "train-embedded":

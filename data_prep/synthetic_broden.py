@@ -464,18 +464,23 @@ def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
         writer.writerows(rows)
 
 
-def write_tables(root: Path, records: list[ImageRecord]) -> None:
-    """Write index.csv, label.csv, category.csv and c_<category>.csv for the records (in image order)."""
+def write_tables(root: Path, records: list[ImageRecord],
+                 labels: tuple[tuple[str, str], ...] | list[tuple[str, str]] = LABELS) -> None:
+    """Write index.csv, label.csv, category.csv and c_<category>.csv for the records (in image order).
+
+    ``labels[k]`` is the (name, category) of label number k + 1 (default: this generator's ``LABELS``);
+    a category without labels gets no category.csv row and no c_<category>.csv.
+    """
     write_csv(root / "index.csv", INDEX_COLUMNS, [[r.row[c] for c in INDEX_COLUMNS] for r in records])
-    frequency = np.zeros(len(LABELS) + 1, np.int64)
-    coverage = np.zeros(len(LABELS) + 1, np.float64)
+    frequency = np.zeros(len(labels) + 1, np.int64)
+    coverage = np.zeros(len(labels) + 1, np.float64)
     for record in records:
         for (number, _), share in record.shares.items():
             frequency[number] += 1
             coverage[number] += share
     label_rows = []
     code_rows: dict[str, list[list[object]]] = {category: [] for category in CATEGORIES}
-    for k, (name, category) in enumerate(LABELS):
+    for k, (name, category) in enumerate(labels):
         number = k + 1
         label_rows.append(
             [number, name, f"{category}({frequency[number]})", frequency[number], f"{coverage[number]:f}", ""]
@@ -486,6 +491,8 @@ def write_tables(root: Path, records: list[ImageRecord]) -> None:
     category_rows = []
     for category in CATEGORIES:
         numbers = [row[1] for row in code_rows[category]]
+        if not numbers:
+            continue
         category_rows.append([category, min(numbers), max(numbers), len(numbers), int(frequency[numbers].sum())])
         write_csv(root / f"c_{category}.csv", ["code", "number", "name", "frequency", "coverage"], code_rows[category])
     write_csv(root / "category.csv", ["name", "first", "last", "count", "frequency"], category_rows)
