@@ -14,8 +14,10 @@ module spells a run-directory file name. Per-layer outputs live under
         thresholds.json                thresholds: quantile and counts
         tally.csv, iou.npy, concepts.csv, tally.json   tally: labels, IoU matrix, its columns, summary
         topk.csv, receptive_field.json, strips/unit_<u:05d>.jpg   topk
+        compositional.csv, compositional.json   compositional: formulas of concepts per unit
       tally/parts/                     tally: finished blocks, the unit of resume
       tally/skipped_masks.csv          tally: images whose masks could not be read
+      compositional/                   compositional: concept_bits.npy, annotated.npy (bit-packed masks)
       audit/                           audit: units.csv, layers.csv, weights.csv, audit.json, pictures
       embed/                           embed: coords.parquet, neighbours.csv, embed.json, pictures
       attribute/                       attribute: pairs.csv, maps.zarr, strips/, agreement.csv,
@@ -116,6 +118,13 @@ class RunLayout:
         """The top-k strip of one unit."""
         return self.topk_strips(layer) / f"unit_{unit:05d}.jpg"
 
+    def compositional_csv(self, layer: str) -> Path:
+        """Each unit's best formula of concepts, with its runner-ups (compositional stage)."""
+        return self.layer_dir(layer) / "compositional.csv"
+
+    def compositional_json(self, layer: str) -> Path:
+        return self.layer_dir(layer) / "compositional.json"
+
     # ------------------------------------------------------------------- tally
 
     @property
@@ -125,6 +134,18 @@ class RunLayout:
     @property
     def skipped_masks(self) -> Path:
         return self.root / "tally" / "skipped_masks.csv"
+
+    # ----------------------------------------------------------- compositional
+
+    @property
+    def concept_bits(self) -> Path:
+        """(C, N, W) uint64: bit p of word w of concept c, image i = pixel 64 w + p of c's mask (npy, memory-mapped)."""
+        return self.root / "compositional" / "concept_bits.npy"
+
+    @property
+    def image_annotations(self) -> Path:
+        """(N, n_categories) bool: which categories each probe image annotates (npy)."""
+        return self.root / "compositional" / "annotated.npy"
 
     # ------------------------------------------------------------------- audit
 

@@ -29,6 +29,7 @@ STAGES: dict[str, str] = {
     "extract": "dissect.stages.extract",
     "thresholds": "dissect.stages.thresholds",
     "tally": "dissect.stages.tally",
+    "compositional": "dissect.stages.compositional",
     "topk": "dissect.stages.topk",
     "audit": "dissect.stages.audit",
     "embed": "dissect.stages.embed",

@@ -75,6 +75,23 @@ class TallySettings:
 
 
 @dataclass
+class CompositionalSettings:
+    beam: int = MISSING
+    max_length: int = MISSING
+    length_penalty: float = MISSING
+    runner_ups: int = MISSING
+    units_per_task: int = MISSING
+
+    def __post_init__(self) -> None:
+        require("compositional", [
+            ("beam", self.beam, self.beam >= 1, "an integer >= 1 (5 is standard)"),
+            ("max_length", self.max_length, 1 <= self.max_length <= 10, "an integer in [1, 10] (3 is standard)"),
+            ("length_penalty", self.length_penalty, 0 <= self.length_penalty < 1, "a number in [0, 1)"),
+            ("runner_ups", self.runner_ups, self.runner_ups >= 0, "an integer >= 0"),
+            ("units_per_task", self.units_per_task, self.units_per_task >= 1, "an integer >= 1")])
+
+
+@dataclass
 class TopkSettings:
     k: int = MISSING
 
@@ -265,6 +282,7 @@ class Config:
     extract: ExtractSettings = MISSING
     thresholds: ThresholdsSettings = MISSING
     tally: TallySettings = MISSING
+    compositional: CompositionalSettings = MISSING
     topk: TopkSettings = MISSING
     audit: AuditSettings = MISSING
     embed: EmbedSettings = MISSING

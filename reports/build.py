@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from dissect.artifacts import open_activations, read_json
 from dissect.broden import CATEGORIES
-from reports import attribute_section, audit_section, embed_section
+from reports import attribute_section, audit_section, compositional_section, embed_section
 from dissect.layout import RunLayout
 from reports.links import layer_file, relative, unit_anchor
 
@@ -39,6 +39,7 @@ text-align:left;font-size:.9em}table.data th{background:#f4f4f4}
 .card.below{opacity:.55;background:#f7f7f7;border-style:dashed}.card h3{margin:0 0 4px;font-size:1em}
 .badge{font-size:.75em;padding:1px 6px;border-radius:8px;color:#fff;margin-left:6px}.badge.below{background:#999}
 .card img{max-width:100%;height:auto;display:block;margin-top:6px}.concepts{font-size:.8em;color:#555}
+.formula{font-size:.85em;margin-top:4px}.formula details{display:inline-block;margin-left:8px}
 .controls{position:sticky;top:0;background:#fff;padding:8px 0;border-bottom:1px solid #ddd;z-index:1}
 .verdict-bad{color:#a94442;font-weight:600}.verdict-ok{color:#3c763d}
 figure{margin:10px 0}figure img{max-width:100%;height:auto}#js-errors{color:#a94442}
@@ -144,12 +145,13 @@ def layer_summary(layout: RunLayout, layer: str) -> str:
             f"<p><a href='{escape(layer_file(layer))}'>All {summary['units']} unit cards</a> · {files}</p>"
             f"<table class='data'>{head}{rows}{total}</table>"
             f"<h3>Detectors per concept (IoU &gt; {summary['iou_threshold']})</h3>"
-            f"{bar_graph(table, summary['iou_threshold'])}</section>")
+            f"{bar_graph(table, summary['iou_threshold'])}{compositional_section.layer_fragment(layout, layer)}"
+            "</section>")
 
 
-def unit_card(layer: str, row: pd.Series, iou_threshold: float, strip: str | None, attribution: str) -> str:
-    """One unit's card: label, category, IoU, best concept per category, the top-k strip and (HTML) its
-    attribution maps when the attribute stage explained it."""
+def unit_card(layer: str, row: pd.Series, iou_threshold: float, strip: str | None, extra: str) -> str:
+    """One unit's card: label, category, IoU, best concept per category, the top-k strip and ``extra`` (HTML:
+    its formula of concepts and attribution maps, where those stages ran)."""
     below = row["iou"] <= iou_threshold
     badge = f"<span class='badge below'>below IoU {iou_threshold}</span>" if below else ""
     colour = CATEGORY_COLOURS.get(row["category"], "#777")
@@ -162,7 +164,7 @@ def unit_card(layer: str, row: pd.Series, iou_threshold: float, strip: str | Non
             f"data-category='{escape(str(row['category']))}'>"
             f"<h3>unit {int(row['unit'])}: {escape(str(row['label']))} "
             f"<span class='badge' style='background:{colour}'>{escape(str(row['category']))}</span> "
-            f"IoU {row['iou']:.3f}{badge}</h3><div class='concepts'>{per_category}</div>{image}{attribution}</div>")
+            f"IoU {row['iou']:.3f}{badge}</h3><div class='concepts'>{per_category}</div>{image}{extra}</div>")
 
 
 def layer_page(layout: RunLayout, layer: str) -> str:
@@ -171,11 +173,15 @@ def layer_page(layout: RunLayout, layer: str) -> str:
     table = pd.read_csv(layout.tally_csv(layer), keep_default_na=False)
     threshold = summary["iou_threshold"]
     has_strips = layout.stamp("topk", layer).exists()
+    formulas = compositional_section.layer_formulas(layout, layer)
     cards = []
     for _, row in table.iterrows():
-        strip = layout.topk_strip(layer, int(row["unit"]))
+        unit = int(row["unit"])
+        strip = layout.topk_strip(layer, unit)
+        extra = (compositional_section.unit_fragment(formulas.get(unit))
+                 + attribute_section.unit_fragment(layout.root, layer, unit))
         cards.append(unit_card(layer, row, threshold, relative(strip, layout.report_dir) if has_strips else None,
-                               attribute_section.unit_fragment(layout.root, layer, int(row["unit"]))))
+                               extra))
     options = "".join(f"<option value='{c}'>{c}</option>" for c in CATEGORIES)
     controls = (f"<div class='controls'>Sort by <select id='sort'><option value='iou'>IoU</option>"
                 f"<option value='unit'>unit</option><option value='label'>label</option></select> "

@@ -28,7 +28,6 @@ whose masks could not be read are listed in ``tally/skipped_masks.csv``.
 
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from dissect.artifacts import map_layers, open_activations, read_json, read_thresholds, write_json_atomic
-from dissect.broden import CATEGORIES, IMAGE_CATEGORIES, PIXEL_CATEGORIES, BrodenDataset, BrodenFormatError
+from dissect.broden import CATEGORIES, BrodenDataset, BrodenFormatError, image_concepts
 from dissect.cluster import dask_client
 from dissect.errors import DissectError
 from dissect.layout import RunLayout
@@ -56,38 +55,6 @@ FORMAT = 1
 
 class TallyError(DissectError):
     """The tally cannot run on this probe set or run directory."""
-
-
-@dataclass(frozen=True)
-class ImageConcepts:
-    """The concepts of one image: label numbers (k,), their masks (k, P) bool, annotated categories (n_categories,)."""
-
-    labels: np.ndarray
-    masks: np.ndarray
-    annotated: np.ndarray
-
-
-def image_concepts(broden: BrodenDataset, i: int, n_labels: int) -> ImageConcepts:
-    """Decode image i's masks into one boolean mask per label present (label 0 ignored).
-
-    Raises BrodenFormatError naming the file and row for an unreadable mask or a
-    label number outside label.csv.
-    """
-    sh, sw = broden.mask_size(i)
-    layers = [broden.pixel_labels(i, category) for category in PIXEL_CATEGORIES]
-    stacked = np.concatenate([layer.reshape(len(layer), sh * sw) for layer in layers])
-    pixel_labels = np.unique(stacked)
-    pixel_labels = pixel_labels[pixel_labels > 0]
-    whole_labels = np.array(sorted({n for c in IMAGE_CATEGORIES for n in broden.image_labels(i, c)}), dtype=np.int64)
-    labels = np.union1d(pixel_labels, whole_labels).astype(np.int64)
-    if labels.size and (labels.max() > n_labels or labels.min() < 0):
-        bad = labels[(labels > n_labels) | (labels < 0)].tolist()
-        raise BrodenFormatError(f"{broden.root / 'index.csv'} image {i} ({broden.image_ids[i]}): label number(s) "
-                                f"{bad} are not in label.csv (allowed 1..{n_labels})")
-    masks = (stacked[:, None, :] == labels[None, :, None]).any(axis=0)
-    masks[np.isin(labels, whole_labels)] = True
-    annotated = np.array([broden.has_category(i, c) for c in CATEGORIES])
-    return ImageConcepts(labels, masks, annotated)
 
 
 def tally_block(store_path: str, broden_root: str, layers: list[str], thresholds: dict[str, np.ndarray],
