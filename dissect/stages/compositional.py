@@ -48,6 +48,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,8 +79,10 @@ OPERATORS = ("or", "and", "and not")
 OR, AND, AND_NOT = range(3)
 #: Images per task when the concept masks are bit-packed.
 PACK_BLOCK_IMAGES = 256
-#: Formulas whose per-image counts a task keeps (each (C + 1, N) int32).
+#: Formulas whose per-image counts a task keeps (each (C + 1, N) int64).
 CACHE_FORMULAS = 128
+#: Images per step when counting a formula AND every concept (bounds the (C, images, W) temporary).
+COUNT_BLOCK_IMAGES = 512
 
 
 class CompositionalError(DissectError):
@@ -175,8 +178,13 @@ class FormulaCounts:
             self._cache.move_to_end(formula)
             return self._cache[formula]
         bits = self.masks.formula_bits(formula)
-        with_all = np.stack([popcount(bits & concept) for concept in self.masks.bits])
-        value = popcount(bits), with_all
+        per_image = popcount(bits)
+        present = np.flatnonzero(per_image)  # |F AND c| is 0 in the images F does not touch
+        with_all = np.zeros((len(self.masks.bits), len(per_image)), dtype=np.int64)
+        for first in range(0, len(present), COUNT_BLOCK_IMAGES):
+            images = present[first:first + COUNT_BLOCK_IMAGES]
+            with_all[:, images] = popcount(self.masks.bits[:, images] & bits[images][None])
+        value = per_image, with_all
         self._cache[formula] = value
         if len(self._cache) > self.size:
             self._cache.popitem(last=False)
@@ -201,68 +209,94 @@ def ranking(score: float, formula: Formula) -> tuple:
     return -score, formula.sort_key()
 
 
+@dataclass
+class SetTerms:
+    """What a formula's extensions need that depends only on its category set S, per candidate concept c.
+
+    weights: (K, n) float32, 1 at the fired pixels of images annotating S and category k;
+    restriction: (C, N) float64, R_{S ∪ {cat(c)}} per candidate; concept_fired: (C,) |M AND c|;
+    unit_size: (C,) |M|; concept_size: (C,) |c|, all counted over R_{S ∪ {cat(c)}}.
+    """
+
+    weights: np.ndarray
+    restriction: np.ndarray
+    concept_fired: np.ndarray
+    unit_size: np.ndarray
+    concept_size: np.ndarray
+
+
+class UnitSearch:
+    """One unit's fired pixels against the concept masks: the beam search and its scores."""
+
+    def __init__(self, fired: FiredPixels, masks: ConceptMasks, counts: FormulaCounts) -> None:
+        self.fired, self.masks, self.counts = fired, masks, counts
+        n_concepts, n_images = masks.image_counts.shape
+        self.member = membership(fired, masks.bits)  # (n, C)
+        self.fired_per_image = np.bincount(fired.images, minlength=n_images).astype(np.float64)
+        self.columns = np.arange(n_concepts)
+        self._terms: dict[frozenset[int], SetTerms] = {}
+
+    def terms(self, categories: frozenset[int]) -> SetTerms:
+        if categories not in self._terms:
+            masks, k_of = self.masks, self.masks.categories
+            rows = np.stack([masks.restriction(categories | {k}) for k in range(len(CATEGORIES))])  # (K, N)
+            weights = rows[:, self.fired.images].astype(np.float32)
+            picked = rows[k_of]
+            self._terms[categories] = SetTerms(
+                weights, picked, (weights @ self.member)[k_of, self.columns], (rows @ self.fired_per_image)[k_of],
+                (masks.image_counts * picked).sum(axis=1))
+        return self._terms[categories]
+
+    def singles(self) -> dict[Formula, float]:
+        """IoU of every single concept (each over the images annotating its category)."""
+        terms = self.terms(frozenset())
+        scores = ious(terms.concept_fired, terms.unit_size, terms.concept_size)
+        return {Formula((int(c),)): float(scores[c]) for c in self.columns}
+
+    def extensions(self, formula: Formula) -> dict[Formula, float]:
+        """IoU of ``formula op c`` for every concept c not in the formula and every operator."""
+        terms = self.terms(self.masks.formula_categories(formula))
+        k_of = self.masks.categories
+        values = formula_values(formula, self.member)  # (n,) 0/1
+        both_fired = ((terms.weights * values) @ self.member)[k_of, self.columns]  # |M AND F AND c|
+        formula_fired = (terms.weights @ values)[k_of]  # |M AND F|
+        formula_per_image, with_all = self.counts.get(formula)
+        both = (with_all * terms.restriction).sum(axis=1)  # |F AND c|
+        formula_size = terms.restriction @ formula_per_image  # |F|
+        scores = {OR: ious(formula_fired + terms.concept_fired - both_fired, terms.unit_size,
+                           formula_size + terms.concept_size - both),
+                  AND: ious(both_fired, terms.unit_size, both),
+                  AND_NOT: ious(formula_fired - both_fired, terms.unit_size, formula_size - both)}
+        used = set(formula.terms)
+        return {formula.extend(op, int(c)): float(column[c]) for c in self.columns if c not in used
+                for op, column in scores.items()}
+
+
 def search_unit(fired: FiredPixels, masks: ConceptMasks, counts: FormulaCounts,
                 settings: CompositionalSettings) -> list[tuple[Formula, float]]:
     """Beam search for one unit; every formula explored with its IoU, best first (by penalised score)."""
-    n_concepts, n_images = masks.image_counts.shape
-    member = membership(fired, masks.bits)
-    fired_per_image = np.bincount(fired.images, minlength=n_images).astype(np.float64)
-    k_of = masks.categories
-    # R_{S ∪ {k}} for every category k, as (K, N) rows, per category set S
-    def rows(base: frozenset[int]) -> np.ndarray:
-        return np.stack([masks.restriction(base | {k}) for k in range(len(CATEGORIES))])
-
-    single_rows = rows(frozenset())
-    weights = single_rows[:, fired.images].astype(np.float32)  # (K, n)
-    inside = (weights @ member)[k_of, np.arange(n_concepts)]  # |M AND c| over R_cat(c)
-    unit_size = (single_rows @ fired_per_image)[k_of]
-    concept_size = (masks.image_counts * single_rows[k_of]).sum(axis=1)
-    pool = {Formula((c,)): iou(inside[c], unit_size[c], concept_size[c]) for c in range(n_concepts)}
-    penalty = settings.length_penalty
+    search = UnitSearch(fired, masks, counts)
+    pool = search.singles()
 
     def score(item: tuple[Formula, float]) -> tuple:
-        return ranking(item[1] - penalty * (item[0].length - 1), item[0])
+        return ranking(item[1] - settings.length_penalty * (item[0].length - 1), item[0])
 
     beam = [f for f, _ in sorted(pool.items(), key=score)[:settings.beam]]
     for _ in range(settings.max_length - 1):
         candidates: dict[Formula, float] = {}
         for formula in beam:
-            candidates.update(extensions(formula, fired, member, fired_per_image, masks, counts, rows))
+            candidates.update(search.extensions(formula))
         pool.update(candidates)
         ranked = sorted({f: pool[f] for f in [*beam, *candidates]}.items(), key=score)
         beam = [f for f, _ in ranked[:settings.beam]]
     return sorted(pool.items(), key=score)
 
 
-def extensions(formula: Formula, fired: FiredPixels, member: np.ndarray, fired_per_image: np.ndarray,
-               masks: ConceptMasks, counts: FormulaCounts, rows) -> dict[Formula, float]:
-    """IoU of ``formula op c`` for every concept c not in the formula and every operator."""
-    n_concepts = member.shape[1]
-    k_of = masks.categories
-    restriction = rows(masks.formula_categories(formula))  # (K, N)
-    values = formula_values(formula, member)  # (n,) 0/1
-    weights = restriction[:, fired.images].astype(np.float32)  # (K, n)
-    columns = np.arange(n_concepts)
-    both_fired = ((weights * values) @ member)[k_of, columns]  # |M AND F AND c|
-    formula_fired = (weights @ values)[k_of]  # |M AND F|
-    concept_fired = (weights @ member)[k_of, columns]  # |M AND c|
-    unit_size = (restriction @ fired_per_image)[k_of]
-    formula_per_image, with_all = counts.get(formula)
-    picked = restriction[k_of]  # (C, N): R for each candidate
-    both = (with_all * picked).sum(axis=1)
-    formula_size = picked @ formula_per_image
-    concept_size = (masks.image_counts * picked).sum(axis=1)
-    out: dict[Formula, float] = {}
-    used = set(formula.terms)
-    for c in range(n_concepts):
-        if c in used:
-            continue
-        for op, (inter, size) in ((OR, (formula_fired[c] + concept_fired[c] - both_fired[c],
-                                        formula_size[c] + concept_size[c] - both[c])),
-                                  (AND, (both_fired[c], both[c])),
-                                  (AND_NOT, (formula_fired[c] - both_fired[c], formula_size[c] - both[c]))):
-            out[formula.extend(op, c)] = iou(inter, unit_size[c], size)
-    return out
+def ious(intersection: np.ndarray, unit_size: np.ndarray, formula_size: np.ndarray) -> np.ndarray:
+    """(C,) IoU from (C,) exact counts (float arrays holding integers); 0 where the union is empty."""
+    inter = np.round(intersection)
+    union = unit_size + formula_size - inter
+    return np.divide(inter, union, out=np.zeros_like(union), where=union > 0)
 
 
 def formula_values(formula: Formula, member: np.ndarray) -> np.ndarray:
@@ -272,12 +306,6 @@ def formula_values(formula: Formula, member: np.ndarray) -> np.ndarray:
         column = member[:, term] > 0
         out = out | column if op == OR else out & column if op == AND else out & ~column
     return out.astype(np.float32)
-
-
-def iou(intersection: float, unit_size: float, formula_size: float) -> float:
-    """|M AND F| / (|M| + |F| - |M AND F|), 0 when the union is empty; counts are exact integers."""
-    union = float(unit_size) + float(formula_size) - float(intersection)
-    return float(round(intersection)) / union if union > 0 else 0.0
 
 
 # ------------------------------------------------------------------ the masks
@@ -319,6 +347,7 @@ def build_concept_masks(cfg: DictConfig, layout: RunLayout, broden: BrodenDatase
     if is_current(layout.stamp("compositional"), inputs, FORMAT, "compositional concept masks"):
         return
     start(layout, "compositional")
+    started = time.perf_counter()
     n_images = len(broden)
     pixels = max(h * w for h, w in (broden.mask_size(i) for i in range(n_images)))
     layout.concept_bits.parent.mkdir(parents=True, exist_ok=True)
@@ -344,6 +373,7 @@ def build_concept_masks(cfg: DictConfig, layout: RunLayout, broden: BrodenDatase
         log.warning("compositional: %d images left out for unreadable masks (as in the tally)", len(skipped))
     np.save(layout.image_annotations, annotated)
     write_stamp(layout.stamp("compositional"), inputs, FORMAT)
+    log.info("compositional: packed the concept masks of %d images in %.1f s", n_images, time.perf_counter() - started)
 
 
 def open_concept_masks(bits_path: str, annotated_path: str, categories: np.ndarray) -> ConceptMasks:
