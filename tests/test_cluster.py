@@ -191,6 +191,7 @@ def kill_jobs(jobs_dir: Path) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_cluster_slurm_starts_workers_through_sbatch_and_they_extract_and_tally(tiny_checkpoint, tmp_path):
     from data_prep.synthetic_broden import generate
 
@@ -249,6 +250,7 @@ def run_files(run_dir: Path) -> dict[str, object]:
     return files
 
 
+@pytest.mark.slow
 def test_every_stage_on_two_worker_processes_writes_what_the_in_process_run_writes(tiny_checkpoint, two_workers,
                                                                                   tmp_path):
     from data_prep.synthetic_broden import generate

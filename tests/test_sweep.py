@@ -1,4 +1,7 @@
-"""Sweeps: two checkpoints through Hydra's basic and submitit_local launchers, then one comparison page."""
+"""Sweeps: two checkpoints through Hydra's basic and submitit_local launchers, then one comparison page.
+
+Slow tier (make test-slow): each sweep runs two jobs of five stages in fresh processes.
+"""
 
 import os
 import subprocess
@@ -64,6 +67,7 @@ def check_sweep(results: Path, result: subprocess.CompletedProcess) -> None:
         assert name in dom
 
 
+@pytest.mark.slow
 def test_a_submitit_local_sweep_of_two_checkpoints_ends_with_a_comparison_page(probe, two_checkpoints, tmp_path):
     results = tmp_path / "results"
     check_sweep(results, sweep(["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"], probe,
@@ -71,6 +75,7 @@ def test_a_submitit_local_sweep_of_two_checkpoints_ends_with_a_comparison_page(p
     assert len(list((results / "sweep" / ".submitit").glob("*/*_result.pkl"))) == 2  # two submitit jobs ran
 
 
+@pytest.mark.slow
 def test_a_basic_launcher_sweep_gives_the_same_runs(probe, two_checkpoints, tmp_path):
     results = tmp_path / "results"
     check_sweep(results, sweep([], probe, two_checkpoints, results))
