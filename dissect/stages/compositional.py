@@ -27,8 +27,8 @@ How it is fast. Concept masks are bit-packed once per probe set into
 ``compositional/concept_bits.npy`` ((C, N, W) uint64, memory-mapped), so the
 size of a formula's mask in every image is a popcount of a few ANDs and ORs.
 A unit fires on few pixels (0.5% at the standard quantile), so everything that
-involves M_u is computed at its fired pixels only: a (fired, C) membership
-table gives |M_u AND F op c| for every concept c at once as one matrix
+involves M_u is computed at its fired pixels only: a (fired, C') membership
+table of the C' concepts present in the images where the unit fires gives |M_u AND F op c| for every concept c at once as one matrix
 product, and |F op c| follows from |F|, |c| and |F AND c| (|F OR c| = |F| + |c|
 - |F AND c|, |F AND NOT c| = |F| - |F AND c|), with the per-image counts of |F
 AND c| cached per formula and shared by the units of a task. Units are spread
@@ -199,9 +199,9 @@ class FiredPixels:
     pixels: np.ndarray
 
 
-def membership(fired: FiredPixels, bits: np.ndarray) -> np.ndarray:
-    """(n, C) float32: 1 where concept c covers fired pixel j."""
-    words = bits[:, fired.images, fired.pixels >> 6]  # (C, n)
+def membership(fired: FiredPixels, bits: np.ndarray, concepts: np.ndarray) -> np.ndarray:
+    """(n, P) float32: 1 where concept ``concepts[p]`` covers fired pixel j (bits: (C, N, W))."""
+    words = bits[concepts[:, None], fired.images[None, :], (fired.pixels >> 6)[None, :]]  # (P, n)
     return ((words >> (fired.pixels & 63).astype(np.uint64)) & np.uint64(1)).T.astype(np.float32)
 
 
@@ -231,10 +231,31 @@ class UnitSearch:
     def __init__(self, fired: FiredPixels, masks: ConceptMasks, counts: FormulaCounts) -> None:
         self.fired, self.masks, self.counts = fired, masks, counts
         n_concepts, n_images = masks.image_counts.shape
-        self.member = membership(fired, masks.bits)  # (n, C)
+        # only concepts present in an image where the unit fires can share a fired pixel with it
+        self.present = np.flatnonzero((masks.image_counts[:, np.unique(fired.images)] > 0).any(axis=1))
+        self.member = membership(fired, masks.bits, self.present)  # (n, P) over the present concepts
+        self.column_of = np.full(n_concepts, -1)
+        self.column_of[self.present] = np.arange(len(self.present))
         self.fired_per_image = np.bincount(fired.images, minlength=n_images).astype(np.float64)
         self.columns = np.arange(n_concepts)
         self._terms: dict[frozenset[int], SetTerms] = {}
+
+    def fired_counts(self, weights: np.ndarray) -> np.ndarray:
+        """(K, n) weights of the fired pixels -> (K, C) weighted counts of each concept's fired pixels."""
+        out = np.zeros((len(weights), len(self.columns)), dtype=np.float64)
+        out[:, self.present] = weights @ self.member
+        return out
+
+    def values(self, formula: Formula) -> np.ndarray:
+        """(n,) float32 0/1: the formula at each fired pixel."""
+        def column(term: int) -> np.ndarray:
+            index = self.column_of[term]
+            return self.member[:, index] > 0 if index >= 0 else np.zeros(len(self.member), dtype=bool)
+
+        out = column(formula.terms[0])
+        for op, term in zip(formula.ops, formula.terms[1:]):
+            out = out | column(term) if op == OR else out & column(term) if op == AND else out & ~column(term)
+        return out.astype(np.float32)
 
     def terms(self, categories: frozenset[int]) -> SetTerms:
         if categories not in self._terms:
@@ -243,7 +264,7 @@ class UnitSearch:
             weights = rows[:, self.fired.images].astype(np.float32)
             picked = rows[k_of]
             self._terms[categories] = SetTerms(
-                weights, picked, (weights @ self.member)[k_of, self.columns], (rows @ self.fired_per_image)[k_of],
+                weights, picked, self.fired_counts(weights)[k_of, self.columns], (rows @ self.fired_per_image)[k_of],
                 (masks.image_counts * picked).sum(axis=1))
         return self._terms[categories]
 
@@ -257,8 +278,8 @@ class UnitSearch:
         """IoU of ``formula op c`` for every concept c not in the formula and every operator."""
         terms = self.terms(self.masks.formula_categories(formula))
         k_of = self.masks.categories
-        values = formula_values(formula, self.member)  # (n,) 0/1
-        both_fired = ((terms.weights * values) @ self.member)[k_of, self.columns]  # |M AND F AND c|
+        values = self.values(formula)  # (n,) 0/1
+        both_fired = self.fired_counts(terms.weights * values)[k_of, self.columns]  # |M AND F AND c|
         formula_fired = (terms.weights @ values)[k_of]  # |M AND F|
         formula_per_image, with_all = self.counts.get(formula)
         both = (with_all * terms.restriction).sum(axis=1)  # |F AND c|
@@ -297,15 +318,6 @@ def ious(intersection: np.ndarray, unit_size: np.ndarray, formula_size: np.ndarr
     inter = np.round(intersection)
     union = unit_size + formula_size - inter
     return np.divide(inter, union, out=np.zeros_like(union), where=union > 0)
-
-
-def formula_values(formula: Formula, member: np.ndarray) -> np.ndarray:
-    """(n,) float32 0/1: the formula at each fired pixel, from the (n, C) membership table."""
-    out = member[:, formula.terms[0]] > 0
-    for op, term in zip(formula.ops, formula.terms[1:]):
-        column = member[:, term] > 0
-        out = out | column if op == OR else out & column if op == AND else out & ~column
-    return out.astype(np.float32)
 
 
 # ------------------------------------------------------------------ the masks
