@@ -60,7 +60,7 @@ def compile_probe() -> None:
 
 def child(method: str, size: int, dim: int) -> None:
     """In a fresh process: PCA then one layout of ``size`` points; prints seconds and peak memory as JSON."""
-    from dissect import embed
+    from dissect.stages import embed
 
     features = mixture_features(size, dim)
     if method == "umap":  # compile numba's functions first, on both nearest-neighbour paths

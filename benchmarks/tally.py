@@ -87,7 +87,7 @@ def main() -> None:
     if missing:
         sys.exit("missing: " + "; ".join(missing))
 
-    from dissect import tally
+    from dissect.stages import tally
     from dissect.artifacts import read_thresholds
     from dissect.broden import CATEGORIES, BrodenDataset
     from dissect.layout import RunLayout
