@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from dissect.errors import ArtifactError
+from dissect.broden import BrodenDataset
+from dissect.errors import ArtifactError, ConfigError
 from dissect.layout import RunLayout
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -66,3 +67,17 @@ def chunk_blocks(array: zarr.Array, block_mib: float) -> list[tuple[int, int]]:
     chunk_bytes = chunk * math.prod(array.shape[1:]) * array.dtype.itemsize
     step = chunk * max(1, int(block_mib * 2**20 // max(chunk_bytes, 1)))
     return [(start, min(start + step, array.shape[0])) for start in range(0, array.shape[0], step)]
+
+
+def concept_probe_set(dataset: Any, store: zarr.Group, run_dir: Path, needed_by: str) -> BrodenDataset:
+    """The Broden-format probe set of ``dataset`` (a dataset config), checked against the run's activations.
+
+    ``needed_by`` names what needs concept masks in the errors (for example "the tally").
+    """
+    if dataset.kind != "broden":
+        raise ConfigError(f"{needed_by} needs concept masks: dataset.kind={dataset.kind!r} has none; "
+                          "use a Broden-format probe set (dataset=default or dataset=broden)")
+    broden = BrodenDataset(Path(str(dataset.root)).resolve())
+    if list(store["image_ids"][:]) != broden.image_ids:
+        raise ArtifactError(f"the activations in {run_dir} were extracted from other images than {broden.root}")
+    return broden

@@ -3,7 +3,7 @@
 ``python -m dissect`` prints a ``DissectError`` as one line (what is wrong and
 what is allowed) and exits with code 2; any other exception is a bug and keeps
 its traceback. Stages raise these classes, or a subclass of their own that
-says which stage failed (``TallyError``, ``AttributionError``, ...).
+says which stage failed (``ExtractError``, ``AttributionError``, ...).
 """
 
 

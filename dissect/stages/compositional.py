@@ -61,10 +61,9 @@ from distributed import as_completed
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from dissect.artifacts import map_layers, open_activations, read_thresholds, write_json_atomic
+from dissect.artifacts import concept_probe_set, map_layers, open_activations, read_thresholds, write_json_atomic
 from dissect.broden import CATEGORIES, BrodenDataset, BrodenFormatError, image_concepts
 from dissect.cluster import check_worker_paths, dask_client, worker_count
-from dissect.errors import DissectError
 from dissect.layout import RunLayout
 from dissect.settings import CompositionalSettings, section
 from dissect.stamps import is_current, stamp_digest, start, write_stamp
@@ -83,10 +82,6 @@ PACK_BLOCK_IMAGES = 256
 CACHE_FORMULAS = 128
 #: Images per step when counting a formula AND every concept (bounds the (C, images, W) temporary).
 COUNT_BLOCK_IMAGES = 512
-
-
-class CompositionalError(DissectError):
-    """The compositional search cannot run on this probe set or run directory."""
 
 
 @dataclass(frozen=True)
@@ -495,13 +490,7 @@ def run(cfg: DictConfig) -> Path:
     settings = section(cfg.compositional, CompositionalSettings)
     layout = RunLayout(Path(cfg.out_dir))
     store = open_activations(layout.root)
-    if cfg.dataset.kind != "broden":
-        raise CompositionalError(f"formulas of concepts need concept masks: dataset.kind={cfg.dataset.kind!r} has "
-                                 "none; use a Broden-format probe set (dataset=default or dataset=broden)")
-    broden = BrodenDataset(Path(str(cfg.dataset.root)).resolve())
-    if list(store["image_ids"][:]) != broden.image_ids:
-        raise CompositionalError(f"the activations in {layout.root} were extracted from other images than "
-                                 f"{broden.root}")
+    broden = concept_probe_set(cfg.dataset, store, layout.root, "the compositional stage")
     todo = {}
     for layer in map_layers(store, [str(name) for name in cfg.layers]):
         inputs = {"settings": settings.__dict__, "tally": stamp_digest(layout.stamp("tally", layer), "tally")}

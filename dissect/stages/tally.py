@@ -38,10 +38,9 @@ from distributed import as_completed
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from dissect.artifacts import map_layers, open_activations, read_json, read_thresholds, write_json_atomic
+from dissect.artifacts import concept_probe_set, map_layers, open_activations, read_json, read_thresholds, write_json_atomic
 from dissect.broden import CATEGORIES, BrodenDataset, BrodenFormatError, image_concepts
 from dissect.cluster import dask_client
-from dissect.errors import DissectError
 from dissect.layout import RunLayout
 from dissect.settings import TallySettings, section
 from dissect.stamps import is_current, stamp_digest, start, write_stamp
@@ -51,10 +50,6 @@ log = logging.getLogger(__name__)
 
 #: The version of this stage's output format.
 FORMAT = 1
-
-
-class TallyError(DissectError):
-    """The tally cannot run on this probe set or run directory."""
 
 
 def tally_block(store_path: str, broden_root: str, layers: list[str], thresholds: dict[str, np.ndarray],
@@ -120,12 +115,7 @@ def run(cfg: DictConfig) -> Path:
     layout = RunLayout(Path(cfg.out_dir))
     run_dir = layout.root
     store = open_activations(run_dir)
-    if cfg.dataset.kind != "broden":
-        raise TallyError(f"the tally needs concept masks: dataset.kind={cfg.dataset.kind!r} has none; "
-                         "use a Broden-format probe set (dataset=default or dataset=broden)")
-    broden = BrodenDataset(Path(str(cfg.dataset.root)).resolve())
-    if list(store["image_ids"][:]) != broden.image_ids:
-        raise TallyError(f"the activations in {run_dir} were extracted from other images than {broden.root}")
+    broden = concept_probe_set(cfg.dataset, store, run_dir, "the tally")
     layers = map_layers(store, [str(name) for name in cfg.layers])
     if not layers:
         log.info("tally: no map layer among %s, nothing to tally", list(cfg.layers))
