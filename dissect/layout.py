@@ -22,7 +22,9 @@ module spells a run-directory file name. Per-layer outputs live under
       embed/                           embed: coords.parquet, neighbours.csv, embed.json, pictures
       attribute/                       attribute: pairs.csv, maps.zarr, strips/, agreement.csv,
                                        randomisation.csv, attribute.json
-      report/index.html, report/layer-<layer>.html   report
+      visualise/                       visualise: units.csv, dream.csv, viewer.csv, visualise.json,
+                                       layers/<layer>/unit_<u:05d>_<copy>.png, classes/, dream/, viewer/
+      report/index.html, report/layer-<layer>.html   report (and visualise-<layer>.html, viewer-<image>.html)
       <stage>/stamp.json, layers/<layer>/<stage>.stamp.json
                                        what each finished stage was computed from (``dissect.stamps``)
       logs/                            Hydra's logs, one folder per command
@@ -234,6 +236,48 @@ class RunLayout:
     def attribute_class_strip(self, image_index: int, target: int) -> Path:
         return self.attribute_dir / "strips" / "classes" / f"image_{image_index:06d}_class_{target}.png"
 
+    # --------------------------------------------------------------- visualise
+
+    @property
+    def visualise_dir(self) -> Path:
+        return self.root / "visualise"
+
+    @property
+    def visualise_json(self) -> Path:
+        return self.visualise_dir / "visualise.json"
+
+    @property
+    def visualise_units_csv(self) -> Path:
+        """One row per synthesised image (units and classes)."""
+        return self.visualise_dir / "units.csv"
+
+    @property
+    def visualise_dream_csv(self) -> Path:
+        """One row per deep-dream image and octave."""
+        return self.visualise_dir / "dream.csv"
+
+    @property
+    def visualise_viewer_csv(self) -> Path:
+        """One row per viewed image and layer."""
+        return self.visualise_dir / "viewer.csv"
+
+    def visualise_unit_image(self, layer: str, unit: int, copy: int) -> Path:
+        return self.visualise_dir / LAYERS / layer / f"unit_{unit:05d}_{copy}.png"
+
+    def visualise_class_image(self, target: int, copy: int) -> Path:
+        return self.visualise_dir / "classes" / f"class_{target:05d}_{copy}.png"
+
+    def visualise_dream_image(self, number: int, layer: str) -> Path:
+        return self.visualise_dir / "dream" / f"dream_{number:03d}_{layer}.png"
+
+    def visualise_viewer_maps(self, image_index: int, layer: str) -> Path:
+        """Every unit's map of ``layer`` on probe image ``image_index``, as a grid of tiles."""
+        return self.visualise_dir / "viewer" / f"image_{image_index:06d}" / f"{layer}_maps.png"
+
+    def visualise_viewer_overlay(self, image_index: int, layer: str) -> Path:
+        """The image and its strongest units' maps of ``layer`` over it."""
+        return self.visualise_dir / "viewer" / f"image_{image_index:06d}" / f"{layer}_overlay.png"
+
     # ------------------------------------------------------------------ report
 
     @property
@@ -246,6 +290,14 @@ class RunLayout:
 
     def report_layer_page(self, layer: str) -> Path:
         return self.report_dir / layer_page_name(layer)
+
+    def report_visualise_page(self, layer: str) -> Path:
+        """The grid of a layer's synthesised images."""
+        return self.report_dir / f"visualise-{layer}.html"
+
+    def report_viewer_page(self, image_index: int) -> Path:
+        """Every dissected layer's maps on one probe image."""
+        return self.report_dir / f"viewer-{image_index:06d}.html"
 
     @property
     def training_json(self) -> Path:

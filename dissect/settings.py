@@ -175,6 +175,148 @@ class AttributeSection:
     device_defaults: dict[str, dict[str, Any]] = MISSING
 
 
+#: What the visualise stage maximises for a unit of a map layer: the mean of its channel, or its centre position.
+UNIT_OBJECTIVES = ("mean", "centre")
+#: How the visualise stage parameterises the synthesised image.
+IMAGE_PARAMETERISATIONS = ("fourier", "pixel")
+#: How the map viewer scales its tiles: each unit by its own maximum on the image, or all by the layer's.
+VIEWER_NORMALISATIONS = ("unit", "layer")
+#: The unit selections shared by the attribute and visualise stages.
+UNIT_SELECTIONS = ("top", "label", "pairs", "none")
+
+
+@dataclass
+class FourierSettings:
+    """Olah et al. (2017): a Fourier-basis image in decorrelated colour, squashed by a sigmoid, transformed at random."""
+
+    size: int = MISSING
+    lr: float = MISSING
+    decay_power: float = MISSING
+    init_sd: float = MISSING
+    pad: int = MISSING
+    jitter: int = MISSING
+    scale_range: float = MISSING
+    rotate_degrees: float = MISSING
+
+    def __post_init__(self) -> None:
+        require("visualise.fourier", [
+            ("size", self.size, self.size >= 8, "an integer >= 8 (pixels of the parameterised image)"),
+            ("lr", self.lr, self.lr > 0, "a number > 0"),
+            ("decay_power", self.decay_power, self.decay_power >= 0, "a number >= 0"),
+            ("init_sd", self.init_sd, self.init_sd > 0, "a number > 0"),
+            ("pad", self.pad, self.pad >= 0, "an integer >= 0"),
+            ("jitter", self.jitter, self.jitter >= 0, "an integer >= 0"),
+            ("scale_range", self.scale_range, 0 <= self.scale_range < 1, "a number in [0, 1)"),
+            ("rotate_degrees", self.rotate_degrees, 0 <= self.rotate_degrees <= 180, "a number in [0, 180]")])
+
+
+@dataclass
+class PixelSettings:
+    """Yosinski et al. (2015): pixels with L2 decay, a Gaussian blur every few steps and clipping of weak pixels."""
+
+    lr: float = MISSING
+    l2_decay: float = MISSING
+    blur_every: int = MISSING
+    blur_sigma: float = MISSING
+    norm_percentile: float = MISSING
+    contribution_percentile: float = MISSING
+
+    def __post_init__(self) -> None:
+        require("visualise.pixel", [
+            ("lr", self.lr, self.lr > 0, "a number > 0"),
+            ("l2_decay", self.l2_decay, 0 <= self.l2_decay < 1, "a number in [0, 1)"),
+            ("blur_every", self.blur_every, self.blur_every >= 0, "an integer >= 0 (0: never)"),
+            ("blur_sigma", self.blur_sigma, self.blur_sigma >= 0, "a number of pixels >= 0"),
+            ("norm_percentile", self.norm_percentile, 0 <= self.norm_percentile < 100, "a percentile in [0, 100)"),
+            ("contribution_percentile", self.contribution_percentile, 0 <= self.contribution_percentile < 100,
+             "a percentile in [0, 100)")])
+
+
+@dataclass
+class DreamSettings:
+    """Deep dream: gradient ascent of a layer's squared L2 norm from real images, octave by octave."""
+
+    images: Any = MISSING  # a number of probe images, or a list of probe image ids or image paths
+    layer: str | None = MISSING  # null: the middle dissected layer
+    octaves: int = MISSING
+    octave_scale: float = MISSING
+    steps: int = MISSING
+    lr: float = MISSING
+    jitter: int = MISSING
+
+    def __post_init__(self) -> None:
+        images_ok = (isinstance(self.images, int) and self.images >= 0) or isinstance(self.images, (list, tuple))
+        require("visualise.dream", [
+            ("images", self.images, images_ok, "a number of probe images >= 0, or a list of image ids or paths"),
+            ("octaves", self.octaves, self.octaves >= 1, "an integer >= 1"),
+            ("octave_scale", self.octave_scale, self.octave_scale > 1, "a number > 1"),
+            ("steps", self.steps, self.steps >= 1, "an integer >= 1"),
+            ("lr", self.lr, self.lr > 0, "a number > 0"),
+            ("jitter", self.jitter, self.jitter >= 0, "an integer >= 0")])
+
+
+@dataclass
+class ViewerSettings:
+    """The per-image activation-map viewer: every unit's map of a layer as a tile, and the strongest over the image."""
+
+    images: Any = MISSING  # a number of probe images, or a list of probe image ids
+    layers: list[str] | None = MISSING  # null: every dissected map layer
+    normalise: str = MISSING
+    overlay_units: int = MISSING
+
+    def __post_init__(self) -> None:
+        images_ok = (isinstance(self.images, int) and self.images >= 0) or isinstance(self.images, (list, tuple))
+        require("visualise.viewer", [
+            ("images", self.images, images_ok, "a number of probe images >= 0, or a list of image ids"),
+            ("normalise", self.normalise, self.normalise in VIEWER_NORMALISATIONS,
+             f"one of {', '.join(VIEWER_NORMALISATIONS)}"),
+            ("overlay_units", self.overlay_units, self.overlay_units >= 1, "an integer >= 1")])
+
+
+@dataclass
+class VisualiseSettings:
+    """The visualise stage (``dissect.stages.visualise``): what to synthesise, how, and what to view."""
+
+    units: str = MISSING
+    top_units: int = MISSING
+    unit_label: str | None = MISSING
+    unit_pairs: list[Any] = MISSING
+    dead_units: int = MISSING
+    objective: str = MISSING
+    classes: list[int] = MISSING
+    param: str = MISSING
+    copies: int = MISSING
+    steps: int = MISSING
+    batch_size: int = MISSING
+    redirect_relu: bool = MISSING
+    batch_invariant: bool = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    fourier: FourierSettings = MISSING
+    pixel: PixelSettings = MISSING
+    dream: DreamSettings = MISSING
+    viewer: ViewerSettings = MISSING
+
+    def __post_init__(self) -> None:
+        pairs_ok = all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[1], int) and p[1] >= 0
+                       for p in self.unit_pairs)
+        require("visualise", [
+            ("units", self.units, self.units in UNIT_SELECTIONS, f"one of {', '.join(UNIT_SELECTIONS)}"),
+            ("units", self.units, self.units != "label" or bool(self.unit_label),
+             "label only with visualise.unit_label (a concept name such as red-c)"),
+            ("top_units", self.top_units, self.top_units >= 1, "an integer >= 1"),
+            ("unit_pairs", self.unit_pairs, pairs_ok, "a list of [layer, unit] pairs, e.g. [[features.relu3,5]]"),
+            ("dead_units", self.dead_units, self.dead_units >= 0, "an integer >= 0"),
+            ("objective", self.objective, self.objective in UNIT_OBJECTIVES, f"one of {', '.join(UNIT_OBJECTIVES)}"),
+            ("classes", self.classes, all(c >= 0 for c in self.classes), "a list of class indices >= 0"),
+            ("param", self.param, self.param in IMAGE_PARAMETERISATIONS,
+             f"one of {', '.join(IMAGE_PARAMETERISATIONS)}"),
+            ("copies", self.copies, self.copies >= 1, "an integer >= 1 (images per unit, from different seeds)"),
+            ("steps", self.steps, self.steps >= 1, "an integer >= 1"),
+            ("batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1"),
+            ("seed", self.seed, 0 <= self.seed < 2**31, "an integer in [0, 2**31)")])
+
+
 @dataclass
 class LocalClusterSettings:
     """``cluster=local``: a dask LocalCluster on this machine."""
@@ -287,6 +429,7 @@ class Config:
     audit: AuditSettings = MISSING
     embed: EmbedSettings = MISSING
     attribute: AttributeSection = MISSING
+    visualise: VisualiseSettings = MISSING
 
 
 def section(values: DictConfig | dict, settings_type: type[Settings]) -> Settings:

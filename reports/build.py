@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from dissect.artifacts import open_activations, read_json
 from dissect.broden import CATEGORIES
-from reports import attribute_section, audit_section, compositional_section, embed_section
+from reports import attribute_section, audit_section, compositional_section, embed_section, visualise_section
 from dissect.layout import RunLayout
 from reports.links import layer_file, relative, unit_anchor
 
@@ -174,11 +174,13 @@ def layer_page(layout: RunLayout, layer: str) -> str:
     threshold = summary["iou_threshold"]
     has_strips = layout.stamp("topk", layer).exists()
     formulas = compositional_section.layer_formulas(layout, layer)
+    synthesised = visualise_section.unit_images(layout, layer)
     cards = []
     for _, row in table.iterrows():
         unit = int(row["unit"])
         strip = layout.topk_strip(layer, unit)
         extra = (compositional_section.unit_fragment(formulas.get(unit))
+                 + visualise_section.unit_fragment(layout, synthesised.get(unit))
                  + attribute_section.unit_fragment(layout.root, layer, unit))
         cards.append(unit_card(layer, row, threshold, relative(strip, layout.report_dir) if has_strips else None,
                                extra))
@@ -191,6 +193,12 @@ def layer_page(layout: RunLayout, layer: str) -> str:
     body = (f"<h1>Layer {escape(layer)}: {summary['units']} units, {summary['detectors']} detectors</h1>"
             f"{controls}<div class='cards' id='cards'>{''.join(cards)}</div>{LAYER_SCRIPT}")
     return page(f"{layer} units", body)
+
+
+def unit_labels(layout: RunLayout, layer: str) -> dict[int, str]:
+    """Unit -> its label in the layer's tally.csv."""
+    table = pd.read_csv(layout.tally_csv(layer), keep_default_na=False)
+    return {int(unit): str(label) for unit, label in zip(table["unit"], table["label"])}
 
 
 def dissected_layers(layout: RunLayout, layers: list[str]) -> list[str]:
@@ -208,13 +216,16 @@ def build_report(run_dir: Path, layers: list[str]) -> Path:
     dissected = dissected_layers(layout, layers)
     title = f"Dissection of {attrs['model'].get('arch') or attrs['model'].get('target')} on {attrs['probe_set']['name']}"
     sections = [run_section(layout, dissected)] + [layer_summary(layout, layer) for layer in dissected]
-    for render in (audit_section.render, embed_section.render, attribute_section.render):
+    for render in (audit_section.render, embed_section.render, visualise_section.render, attribute_section.render):
         fragment = render(run_dir, report_dir)
         if fragment:
             sections.append(fragment)
     nav = " · ".join(f"<a href='{escape(layer_file(layer))}'>{escape(layer)}</a>" for layer in dissected)
     for layer in dissected:
         layout.report_layer_page(layer).write_text(layer_page(layout, layer), encoding="utf-8")
+    for path, (page_title, body) in visualise_section.pages(layout, {layer: unit_labels(layout, layer)
+                                                                      for layer in dissected}).items():
+        path.write_text(page(page_title, body), encoding="utf-8")
     layout.report_index.write_text(page(title, f"<h1>{escape(title)}</h1><p>Unit pages: {nav}</p>"
                                         + "".join(sections)), encoding="utf-8")
     return layout.report_index

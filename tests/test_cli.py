@@ -23,6 +23,8 @@ BAD_INPUTS = {
     "extract device": (["extract.device=cuda"], "extract.device='cuda'"),
     "attribute device": (["attribute.device=tpu"], "attribute.device='tpu'"),
     "occlusion stride": (["attribute.occlusion_stride=64"], "attribute.occlusion_stride=64 exceeds"),
+    "visualise parameterisation": (["visualise.param=lucid"],
+                                   "visualise.param='lucid' is not allowed; it must be one of fourier, pixel"),
     "unknown cluster": (["cluster=lsf"], "Could not find 'cluster/lsf'"),
     "cluster key of another kind": (["+cluster.queue=gpu"],
                                     "cluster.queue is not a setting of cluster=local; its settings: kind, n_workers"),

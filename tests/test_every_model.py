@@ -8,6 +8,7 @@ process, so that UMAP compiles once for all models. About 100 s on 2 cores
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import zarr
 
@@ -26,7 +27,9 @@ QUICK = ["model.weights=null", "model.checkpoint=null", f"model.input_size={SIZE
          "attribute.images_per_unit=1", "attribute.class_images=1", "attribute.ig_steps=2",
          "attribute.occlusion_window=32", "attribute.occlusion_stride=32", "attribute.lime_samples=4",
          "attribute.lime_segments=4", "attribute.randomisation_pairs=1", "attribute.randomisation_steps=1",
-         "embed.pca_components=4", "embed.thumbnail_grid=3"]
+         "embed.pca_components=4", "embed.thumbnail_grid=3", "visualise.top_units=1", "visualise.steps=2",
+         "visualise.classes=[0]", "visualise.fourier.size=32", "visualise.dream.images=1", "visualise.dream.octaves=2",
+         "visualise.dream.steps=1", "visualise.viewer.images=1"]
 
 
 def test_every_shipped_model_config_is_tested():
@@ -55,5 +58,9 @@ def test_stages_all_end_with_a_report_and_maps_of_every_method(model, tiny_probe
         values = maps[method][:]
         assert values.shape == (pairs, SIZE, SIZE), method
         assert np.isfinite(values).all(), method
+    units = pd.read_csv(layout.visualise_units_csv)
+    assert (units["kind"] == "class").sum() == 1 and (units["kind"] == "unit").sum() >= 1
+    assert all((layout.root / image).is_file() for image in units["image"])
+    assert np.isfinite(units["reached"]).all()
     report = outputs["report"].read_text(encoding="utf-8")
-    assert "Representation map" in report and "Attribution" in report
+    assert "Representation map" in report and "Attribution" in report and "What units want to see" in report

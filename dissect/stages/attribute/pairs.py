@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -29,11 +29,21 @@ from dissect.stages.attribute.settings import (
 )
 
 
-def select_units(layout: RunLayout, layers: list[str], settings: AttributeSettings,
-                 iou_threshold: float) -> list[tuple[str, int]]:
-    """The (layer, unit) pairs to explain, in layer order, then by decreasing IoU (top) or unit index.
+class UnitChoice(Protocol):
+    """The unit-selection keys shared by the ``attribute`` and ``visualise`` sections."""
 
-    ``top`` takes the ``top_units`` detectors (IoU > iou_threshold) of highest IoU of each tallied layer.
+    units: str
+    top_units: int
+    unit_label: str | None
+    unit_pairs: Any
+
+
+def select_units(layout: RunLayout, layers: list[str], settings: UnitChoice, iou_threshold: float,
+                 section: str = "attribute") -> list[tuple[str, int]]:
+    """The (layer, unit) pairs to explain (or visualise), in layer order, then by decreasing IoU (top) or unit index.
+
+    ``top`` takes the ``top_units`` detectors (IoU > iou_threshold) of highest IoU of each tallied layer;
+    ``section`` is the config section the settings come from (named in errors).
     """
     if settings.units == "none":
         return []
@@ -52,8 +62,8 @@ def select_units(layout: RunLayout, layers: list[str], settings: AttributeSettin
             table = table[table["label"] == settings.unit_label].sort_values("unit", kind="stable")
         selected += [(layer, int(unit)) for unit in table["unit"]]
     if settings.units == "top" and not any(layout.tally_csv(layer).exists() for layer in layers):
-        raise AttributionError(f"attribute.units=top: no layer of {layers} has a tally.csv in {layout.root}; "
-                               "run the tally and topk stages first, or set attribute.units=pairs or none")
+        raise AttributionError(f"{section}.units=top: no layer of {layers} has a tally.csv in {layout.root}; "
+                               f"run the tally and topk stages first, or set {section}.units=pairs or none")
     return selected
 
 

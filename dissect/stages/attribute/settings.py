@@ -8,13 +8,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from dissect.settings import UNIT_SELECTIONS
 from dissect.stages.attribute.errors import AttributionError
 from dissect.stages.attribute.methods import (
     METHODS,
     MethodSettings,
 )
-
-UNIT_SELECTIONS = ("top", "label", "pairs", "none")
 
 
 @dataclass(frozen=True)
