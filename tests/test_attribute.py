@@ -50,7 +50,7 @@ GRADIENT_METHODS = ("saliency", "input_x_gradient", "deconvolution", "guided_bac
 SETTINGS = {"units": "top", "top_units": 2, "unit_label": None, "unit_pairs": [], "images_per_unit": 3,
             "class_target": "predicted", "class_images": 2, "methods": "all", "grad_cam_layer": None,
             "ig_steps": 16, "ig_internal_batch": 32, "occlusion_window": 8, "occlusion_stride": 4,
-            "lime_segments": 20, "lime_samples": 40, "batch_size": 8, "randomisation_pairs": 4,
+            "lime_segments": 20, "lime_samples": 40, "shap_references": 3, "batch_size": 8, "randomisation_pairs": 4,
             "randomisation_steps": 2, "max_correlation": 0.5, "seed": 0, "device": "cpu", "device_defaults": {}}
 
 
@@ -315,20 +315,21 @@ def test_guided_backprop_and_deconvnet_equal_the_rules_applied_by_hand():
         np.testing.assert_allclose(maps[0].numpy(), np.abs(expected.reshape(3, 2, 2)).sum(0), rtol=1e-5, err_msg=method)
 
 
-def test_guided_methods_are_left_out_with_a_warning_where_a_model_has_other_activations(caplog):
+def test_relu_only_methods_are_left_out_with_a_warning_where_a_model_has_other_activations(caplog):
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Conv2d(4, 2, 3), nn.ReLU6(), nn.Flatten(1))
     model, x = prepare_model(net), torch.randn(1, 3, 8, 8)
     every, _ = read_settings(SETTINGS, "cpu")
     with caplog.at_level("WARNING"):
-        kept = attribute.drop_undefined_guided_methods(every, model, x, all_methods=True)
-    assert kept.methods == tuple(m for m in METHODS if m not in ("deconvolution", "guided_backprop", "guided_grad_cam"))
-    assert "leaving out deconvolution, guided_backprop, guided_grad_cam" in caplog.text
+        kept = attribute.drop_relu_only_methods(every, model, x, all_methods=True)
+    relu_only = ("deconvolution", "guided_backprop", "guided_grad_cam", "lrp", "deeplift", "deeplift_shap")
+    assert kept.methods == tuple(m for m in METHODS if m not in relu_only)
+    assert "leaving out deconvolution, guided_backprop, guided_grad_cam, lrp, deeplift, deeplift_shap" in caplog.text
     assert "gelu (1 calls), hardtanh (1 calls)" in caplog.text  # nn.ReLU6 is F.hardtanh
     named, _ = read_settings({**SETTINGS, "methods": ["saliency", "guided_backprop"]}, "cpu")
-    with pytest.raises(AttributionError, match=r"\['guided_backprop'\] are defined for ReLU only.*gelu"):
-        attribute.drop_undefined_guided_methods(named, model, x, all_methods=False)
-    relu_only = prepare_model(nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(1)))
-    assert attribute.drop_undefined_guided_methods(every, relu_only, x, all_methods=True) == every
+    with pytest.raises(AttributionError, match=r"\['guided_backprop'\] are defined for ReLU networks only.*gelu"):
+        attribute.drop_relu_only_methods(named, model, x, all_methods=False)
+    relu_net = prepare_model(nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(1)))
+    assert attribute.drop_relu_only_methods(every, relu_net, x, all_methods=True) == every
 
 
 # ------------------------------------------------------------------------------------ randomisation check
@@ -501,7 +502,7 @@ def test_the_stage_writes_pairs_maps_strips_and_checks(planted_run):
         np.testing.assert_allclose(raw, direct, atol=2e-3 * np.abs(direct).max())
 
     strip = Image.open(layout.attribute_unit_strip("units", 0))
-    assert strip.size == (10 * (attribute.TILE + attribute.GAP) - attribute.GAP,
+    assert strip.size == ((1 + len(METHODS)) * (attribute.TILE + attribute.GAP) - attribute.GAP,
                           attribute.HEADER + 3 * (attribute.TILE + attribute.GAP))
     class_strips = [layout.attribute_class_strip(int(row.image_index), int(row.target)) for row in classes.itertuples()]
     assert all(path.is_file() for path in class_strips)
@@ -633,8 +634,8 @@ def test_on_two_worker_processes_the_stage_writes_what_it_writes_in_process(plan
     tasks = assert_same_outputs(here, there, {"pairs.csv", "agreement.csv", "randomisation.csv"})
     assert set(tasks) == {worker.worker_address for worker in two_workers.workers.values()}
     assert min(tasks.values()) > 0, tasks  # both workers computed maps
-    # 5 pairs in 2 batches (the unit's 3, the 2 class pairs) x 9 methods, and 2 randomisation steps x 9 methods
-    assert sum(tasks.values()) == 2 * 9 + 2 * 9
+    # 5 pairs in 2 batches (the unit's 3, the 2 class pairs) x every method, and 2 randomisation steps x every method
+    assert sum(tasks.values()) == 2 * len(METHODS) + 2 * len(METHODS)
 
 
 def test_class_maps_of_a_checkpointed_model_on_two_worker_processes_equal_the_in_process_ones(
@@ -647,7 +648,7 @@ def test_class_maps_of_a_checkpointed_model_on_two_worker_processes_equal_the_in
     here, there = run_here_and_there(cfg, two_workers, tmp_path / "here", tmp_path / "there")
     tasks = assert_same_outputs(here, there, {"pairs.csv", "randomisation.csv"})  # no agreement on a plain folder
     assert len(tasks) == 2 and min(tasks.values()) > 0, tasks
-    assert sum(tasks.values()) == 3 * 9 + 2 * 9  # 7 pairs in 3 batches x 9 methods, 2 randomisation steps x 9
+    assert sum(tasks.values()) == (3 + 2) * len(METHODS)  # 7 pairs in 3 batches, 2 randomisation steps, x methods
 
 
 def test_a_finished_stage_is_skipped(planted_run):
