@@ -233,3 +233,33 @@ def test_settings_errors_name_the_key(compose_config):
                                  ("explainers", ["grid", "shap"], "a non-empty list of grid")):
         with pytest.raises(Exception, match=expected):
             ExplanationsSettings(**{**SETTINGS, key: value})
+
+
+def test_the_report_section_shows_the_tables_overlays_and_aucs_in_a_browser(explained_run, tmp_path):
+    from browser import console_errors, open_page
+    from reports.build import page
+    from reports.explanations_section import render
+
+    cfg, _, _ = explained_run
+    layout = RunLayout(cfg.out_dir)
+    layout.report_dir.mkdir(exist_ok=True)
+    path = layout.report_dir / "explanations-test.html"
+    path.write_text(page("explanations", render(layout.root, layout.report_dir)), encoding="utf-8")
+    dom, stderr = open_page(path, screenshot=tmp_path / "section.png")
+    assert console_errors(stderr) == [] and "<pre id=\"js-errors\"></pre>" in dom
+    assert "Comparing explanations" in dom and "Control: the deterministic explainers gave Jaccard 1" in dom
+    scores = pd.read_csv(layout.faithfulness_csv).groupby("method")[["deletion_auc", "insertion_auc"]].mean()
+    faithfulness = dom[dom.index("id=\"faithfulness\""):]
+    for method in ("saliency", "grid", "random"):  # the AUCs shown are the means of faithfulness.csv
+        cells = faithfulness[faithfulness.index(f"<td>{method}</td>"):].split("</tr>")[0]
+        assert f"<td>{scores.at[method, 'deletion_auc']:.3f}</td><td>{scores.at[method, 'insertion_auc']:.3f}</td>" \
+            in cells, method
+    assert "better on both" in faithfulness[faithfulness.index("<td>grid</td>"):].split("</tr>")[0]
+    methods = pd.read_csv(layout.jaccard_csv("methods"))
+    mean = methods[(methods["a"] == "grid") & (methods["b"] == "lime_seed0")]["jaccard"].mean()
+    matrix = dom[dom.index("id=\"jaccard-matrix\""):].split("</table>")[0]
+    assert f"{mean:.2f}" in matrix.split("<th>grid</th>", 2)[-1].split("</tr>")[0]
+    summary = read_json(layout.explanations_json)
+    assert dom.count("class=\"overlays\"") == 3  # methods (explainers against LIME), seeds, blur
+    assert dom.count("<img loading=\"lazy\" width=\"128\"") == len(summary["overlays"])
+    assert "id=\"explainer-timing\"" in dom and "lime_seed0" in dom

@@ -34,6 +34,7 @@ place while either method runs.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -203,6 +204,20 @@ def batch_norm_follows_linear(module: nn.Module, example: torch.Tensor) -> bool:
     return True
 
 
+#: Per model, the canonizers LRP uses (chosen by one forward pass of one image, once per model).
+_CANONIZERS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def canonizers(net: nn.Module, example: torch.Tensor) -> list[Any]:
+    """zennit's canonizers for ``net``: ResNet's for a torchvision ResNet, BatchNorm folding where it follows a
+    conv or linear module in the forward pass of ``example`` (1, 3, S, S), else none (BatchNorm then passes
+    relevance unchanged)."""
+    if net not in _CANONIZERS:
+        _CANONIZERS[net] = ("resnet" if isinstance(net, torchvision.models.ResNet) else
+                            "merge" if batch_norm_follows_linear(net, example) else "none")
+    return {"resnet": [ResNetCanonizer()], "merge": [SequentialMergeBatchNorm()], "none": []}[_CANONIZERS[net]]
+
+
 def lrp(module: nn.Module, net: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(B, 3, S, S) inputs, (B,) targets -> (B, 3, S, S) LRP relevance (EpsilonPlusFlat) of ``module``'s output.
 
@@ -210,13 +225,7 @@ def lrp(module: nn.Module, net: nn.Module, inputs: torch.Tensor, targets: torch.
     The relevance at the output is the explained score itself, so the map sums
     to it where every rule conserves (no biases: biases and epsilon absorb some).
     """
-    if isinstance(net, torchvision.models.ResNet):
-        canonizers = [ResNetCanonizer()]
-    elif batch_norm_follows_linear(net, inputs[:1]):
-        canonizers = [SequentialMergeBatchNorm()]
-    else:
-        canonizers = []
-    composite = EpsilonPlusFlat(canonizers=canonizers)
+    composite = EpsilonPlusFlat(canonizers=canonizers(net, inputs[:1]))
     x = inputs.detach().requires_grad_(True)
     with torch.enable_grad(), composite.context(module), OutOfPlaceReLUs():
         output = module(x)
