@@ -1,6 +1,8 @@
 """The explanations stage: masks and Jaccard by numpy, occlusion explainers on a planted classifier, determinism,
 deletion/insertion against a random map, the whole stage on a small run, and its report section."""
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -215,13 +217,31 @@ def test_the_stage_writes_tables_masks_overlays_and_curves(explained_run):
     assert layout.stamp("explanations").is_file() and layout.curves_png.is_file()
 
 
-def test_a_finished_stage_is_skipped_and_a_changed_setting_reruns_it(explained_run):
+def test_a_finished_stage_is_skipped_and_a_changed_setting_reruns_it(explained_run, tmp_path):
     cfg, out_dir, _ = explained_run
     layout = RunLayout(cfg.out_dir)
     stamp = layout.stamp("explanations").stat().st_mtime_ns
     assert explanations.run(cfg) == out_dir and layout.stamp("explanations").stat().st_mtime_ns == stamp
     inputs = read_json(layout.stamp("explanations"))["inputs"]
     assert inputs["attribute"] == read_json(layout.stamp("attribute"))["digest"]
+    shutil.copytree(layout.root, tmp_path / "copy")
+    copy = OmegaConf.merge(cfg, {"out_dir": str(tmp_path / "copy"), "explanations": {"steps": 4,
+                                                                                    "explainers": ["grid"]}})
+    explanations.run(copy)
+    curves = pd.read_csv(RunLayout(tmp_path / "copy").curves_csv)
+    assert curves["step"].max() == 4 and "statistical" not in set(curves["method"])
+    assert read_json(RunLayout(tmp_path / "copy").stamp("explanations"))["digest"] != \
+        read_json(layout.stamp("explanations"))["digest"]
+
+
+def test_no_class_pairs_is_one_clear_error(explained_run, tmp_path):
+    cfg, _, _ = explained_run
+    layout = RunLayout(tmp_path)
+    layout.attribute_dir.mkdir(parents=True)
+    pd.DataFrame({"pair": [0], "kind": ["unit"], "layer": ["x"], "target": [0], "image_index": [0],
+                  "image_id": ["a"]}).to_csv(layout.attribute_pairs_csv, index=False)
+    with pytest.raises(explanations.ExplanationError, match="has no class pairs to compare; set attribute.class_target"):
+        explanations.class_pairs(layout)
 
 
 def test_settings_errors_name_the_key(compose_config):

@@ -432,6 +432,10 @@ def run(cfg: DictConfig) -> Path:
     settings = read_settings(cfg)
     layout = RunLayout(Path(cfg.out_dir))
     other = compare_layout(settings, layout)
+    if cfg.attribute.class_target is None:
+        log.warning("explanations: attribute.class_target=null, so there are no class maps to compare; skipped "
+                    "(set attribute.class_target=predicted to compare explanations)")
+        return layout.explanations_dir
     if not layout.stamp("attribute").is_file():
         raise ExplanationError(f"{layout.stamp('attribute')} is missing: the attribute stage has not finished for "
                                "this run; run it first (stages=[attribute,explanations])")
