@@ -22,6 +22,8 @@ module spells a run-directory file name. Per-layer outputs live under
       embed/                           embed: coords.parquet, neighbours.csv, embed.json, pictures
       attribute/                       attribute: pairs.csv, maps.zarr, strips/, agreement.csv,
                                        randomisation.csv, attribute.json
+      explanations/                    explanations: pairs.csv, masks.zarr, explainers.csv, jaccard_<kind>.csv,
+                                       faithfulness.csv, curves.csv, curves.png, overlays/, explanations.json
       visualise/                       visualise: units.csv, dream.csv, viewer.csv, visualise.json,
                                        layers/<layer>/unit_<u:05d>_<copy>.png, classes/, dream/, viewer/
       report/index.html, report/layer-<layer>.html   report (and visualise-<layer>.html, viewer-<image>.html)
@@ -236,6 +238,49 @@ class RunLayout:
     def attribute_class_strip(self, image_index: int, target: int) -> Path:
         return self.attribute_dir / "strips" / "classes" / f"image_{image_index:06d}_class_{target}.png"
 
+    # ------------------------------------------------------------ explanations
+
+    @property
+    def explanations_dir(self) -> Path:
+        return self.root / "explanations"
+
+    @property
+    def explanations_json(self) -> Path:
+        return self.explanations_dir / "explanations.json"
+
+    @property
+    def explanations_pairs_csv(self) -> Path:
+        return self.explanations_dir / "pairs.csv"
+
+    @property
+    def explanations_masks(self) -> Path:
+        """masks.zarr: per method a (pairs, S, S) bool mask array, per explainer its (pairs, S, S) heat map."""
+        return self.explanations_dir / "masks.zarr"
+
+    @property
+    def explainers_csv(self) -> Path:
+        return self.explanations_dir / "explainers.csv"
+
+    def jaccard_csv(self, kind: str) -> Path:
+        """The per-image Jaccard table of one comparison kind (methods, seeds, blur, models)."""
+        return self.explanations_dir / f"jaccard_{kind}.csv"
+
+    @property
+    def faithfulness_csv(self) -> Path:
+        return self.explanations_dir / "faithfulness.csv"
+
+    @property
+    def curves_csv(self) -> Path:
+        return self.explanations_dir / "curves.csv"
+
+    @property
+    def curves_png(self) -> Path:
+        return self.explanations_dir / "curves.png"
+
+    def explanation_overlay(self, kind: str, first: str, second: str, image_index: int) -> Path:
+        """Overlay of two masks of one image: A red, B green, both yellow."""
+        return (self.explanations_dir / "overlays" / kind / f"{first}__{second}"
+                / f"image_{image_index:06d}.png")
     # --------------------------------------------------------------- visualise
 
     @property

@@ -34,6 +34,7 @@ STAGES: dict[str, str] = {
     "audit": "dissect.stages.audit",
     "embed": "dissect.stages.embed",
     "attribute": "dissect.stages.attribute",
+    "explanations": "dissect.stages.explanations",
     "visualise": "dissect.stages.visualise",
     "report": "reports.build",
 }

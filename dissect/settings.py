@@ -166,6 +166,7 @@ class AttributeSection:
     occlusion_stride: int | None = MISSING
     lime_segments: int = MISSING
     lime_samples: int | None = MISSING
+    shap_references: int = MISSING
     batch_size: int = MISSING
     randomisation_pairs: int | None = MISSING
     randomisation_steps: int | None = MISSING
@@ -315,6 +316,55 @@ class VisualiseSettings:
             ("steps", self.steps, self.steps >= 1, "an integer >= 1"),
             ("batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1"),
             ("seed", self.seed, 0 <= self.seed < 2**31, "an integer in [0, 2**31)")])
+#: The explainers the explanations stage runs itself (``dissect.stages.explanations``).
+STAGE_EXPLAINERS = ("grid", "statistical", "two_level", "elbow", "lime")
+
+
+@dataclass
+class ExplanationsSettings:
+    explainers: Any = MISSING  # all, or a list of STAGE_EXPLAINERS
+    mask_share: float = MISSING
+    grid_cells: int = MISSING
+    grid_keep: Any = MISSING  # a count of cells (int >= 1) or a share of them (float in (0, 1))
+    statistical_lambda: float = MISSING
+    lime_superpixels: int = MISSING
+    lime_seeds: list[int] = MISSING
+    blur_sigma: float = MISSING
+    insertion_sigma: float = MISSING
+    steps: int = MISSING
+    compare_run: str | None = MISSING
+    overlays: int = MISSING
+    seed: int = MISSING
+    batch_size: int = MISSING
+
+    def __post_init__(self) -> None:
+        chosen = list(STAGE_EXPLAINERS) if self.explainers == "all" else self.explainers
+        explainers_ok = (isinstance(chosen, (list, tuple)) and len(chosen) > 0
+                         and all(name in STAGE_EXPLAINERS for name in chosen))
+        keep = self.grid_keep
+        keep_ok = (not isinstance(keep, bool) and (isinstance(keep, int) and keep >= 1
+                                                   or isinstance(keep, float) and 0 < keep < 1))
+        seeds_ok = len(self.lime_seeds) == 2 and self.lime_seeds[0] != self.lime_seeds[1]
+        require("explanations", [
+            ("explainers", self.explainers, explainers_ok, f"all, or a non-empty list of {', '.join(STAGE_EXPLAINERS)}"),
+            ("mask_share", self.mask_share, 0 < self.mask_share < 1, "a share of the pixels strictly between 0 and 1"),
+            ("grid_cells", self.grid_cells, 2 <= self.grid_cells <= 64, "an integer in [2, 64] (10: cells of side "
+                                                                        "max(H, W) / 10)"),
+            ("grid_keep", keep, keep_ok, "a number of cells (an integer >= 1) or a share of them (in (0, 1))"),
+            ("statistical_lambda", self.statistical_lambda, self.statistical_lambda >= 0, "a number >= 0"),
+            ("lime_superpixels", self.lime_superpixels, self.lime_superpixels >= 1, "an integer >= 1"),
+            ("lime_seeds", self.lime_seeds, seeds_ok, "two different seeds, e.g. [0, 1]"),
+            ("blur_sigma", self.blur_sigma, self.blur_sigma > 0, "a Gaussian sigma in pixels > 0"),
+            ("insertion_sigma", self.insertion_sigma, self.insertion_sigma > 0, "a Gaussian sigma in pixels > 0"),
+            ("steps", self.steps, 2 <= self.steps <= 256, "an integer in [2, 256] (16 to 32 on a CPU)"),
+            ("overlays", self.overlays, self.overlays >= 0, "an integer >= 0"),
+            ("batch_size", self.batch_size, self.batch_size >= 1, "an integer >= 1")])
+
+    @property
+    def explainer_names(self) -> tuple[str, ...]:
+        """The chosen explainers in table order."""
+        chosen = STAGE_EXPLAINERS if self.explainers == "all" else self.explainers
+        return tuple(name for name in STAGE_EXPLAINERS if name in chosen)
 
 
 @dataclass
@@ -430,6 +480,7 @@ class Config:
     embed: EmbedSettings = MISSING
     attribute: AttributeSection = MISSING
     visualise: VisualiseSettings = MISSING
+    explanations: ExplanationsSettings = MISSING
 
 
 def section(values: DictConfig | dict, settings_type: type[Settings]) -> Settings:

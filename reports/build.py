@@ -3,7 +3,8 @@
 ``<out_dir>/report/index.html`` shows the run (model, weights, layers, probe
 set, thresholds), per dissected layer the units, detectors and unique detectors
 per category with a bar graph of detectors per concept, and the sections of the
-other stages (audit, representation map) when their outputs exist. Each layer
+other stages (audit, representation map, attributions, comparing explanations)
+when their outputs exist. Each layer
 has a page ``layer-<layer>.html`` with one card per unit (label, category, IoU,
 best concept per category, top-k strip), sortable by IoU, unit and label,
 filterable by category, with units below the IoU threshold set apart. No
@@ -21,7 +22,8 @@ from omegaconf import DictConfig
 
 from dissect.artifacts import open_activations, read_json
 from dissect.broden import CATEGORIES
-from reports import attribute_section, audit_section, compositional_section, embed_section, visualise_section
+from reports import (attribute_section, audit_section, compositional_section, embed_section, explanations_section,
+                     visualise_section)
 from dissect.layout import RunLayout
 from reports.links import layer_file, relative, unit_anchor
 
@@ -216,7 +218,8 @@ def build_report(run_dir: Path, layers: list[str]) -> Path:
     dissected = dissected_layers(layout, layers)
     title = f"Dissection of {attrs['model'].get('arch') or attrs['model'].get('target')} on {attrs['probe_set']['name']}"
     sections = [run_section(layout, dissected)] + [layer_summary(layout, layer) for layer in dissected]
-    for render in (audit_section.render, embed_section.render, visualise_section.render, attribute_section.render):
+    for render in (audit_section.render, embed_section.render, visualise_section.render, attribute_section.render,
+                   explanations_section.render):
         fragment = render(run_dir, report_dir)
         if fragment:
             sections.append(fragment)

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -144,3 +146,47 @@ class PlantedDetectors(nn.Module):
         if self.stripes:
             maps.append(self.stripe_response(x))
         return self.units(torch.cat(maps, dim=1))
+
+
+class PlantedRedClassifier(nn.Module):
+    """A two-class classifier whose class 0 depends only on red regions: the planted truth of the explainers.
+
+    Logit 0 is ``gain x (mean red-unit response - offset)`` (the red colour
+    unit of ``PlantedDetectors`` at stride 1, averaged over the image), logit 1
+    is 0, so the class-0 probability is ``sigmoid(logit 0)``. Blacking out a
+    red pixel lowers logit 0 in proportion to its red response; no other pixel
+    moves it. Expects RGB in [0, 1] (``model.mean=[0,0,0] model.std=[1,1,1]``).
+    """
+
+    def __init__(self, gain: float = 40.0, offset: float = 0.05) -> None:
+        super().__init__()
+        self.detectors = PlantedDetectors(colors=("red-c",), stripes=False, stride=1)
+        self.gain = float(gain)
+        self.offset = float(offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) RGB in [0, 1] -> (N, 2) logits."""
+        red = self.detectors(x)[:, 0].mean(dim=(1, 2))
+        return torch.stack([self.gain * (red - self.offset), torch.zeros_like(red)], dim=1)
+
+
+def red_region_images(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(n, S, S, 3) uint8 images of non-red rectangles with one red disc each (about 15-22% of the pixels),
+    and the (n, S, S) bool masks of the discs (the generator's red, ``COLORS['red-c']``, with pixel noise)."""
+    rng = np.random.default_rng(seed)
+    palette = np.array([(40, 160, 50), (30, 70, 210), (128, 128, 128), (240, 220, 40), (240, 240, 240)])
+    red = np.array(COLORS["red-c"])
+    yy, xx = np.mgrid[:size, :size]
+    images, masks = [], []
+    for _ in range(n):
+        image = np.broadcast_to(palette[rng.integers(len(palette))], (size, size, 3)).astype(np.float64)
+        for _ in range(4):
+            top, left = rng.integers(0, size - 8, 2)
+            image[top:top + rng.integers(8, 32), left:left + rng.integers(8, 32)] = palette[rng.integers(len(palette))]
+        radius = size * rng.uniform(0.22, 0.26)
+        cy, cx = rng.uniform(radius, size - radius, 2)
+        disc = (yy + 0.5 - cy) ** 2 + (xx + 0.5 - cx) ** 2 <= radius**2
+        image[disc] = red
+        images.append(np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8))
+        masks.append(disc)
+    return np.stack(images), np.stack(masks)

@@ -23,5 +23,5 @@ def test_every_model_config_composes(compose_config):
 def test_stage_selection_keeps_pipeline_order_and_rejects_unknown_names():
     assert selected_stages("all") == list(STAGES)
     assert selected_stages(["extract"]) == ["extract"]
-    with pytest.raises(ConfigError, match="allowed: all, or a list of extract, thresholds, tally, compositional, topk, audit, embed, attribute, visualise, report"):
+    with pytest.raises(ConfigError, match="allowed: all, or a list of extract, thresholds, tally, compositional, topk, audit, embed, attribute, explanations, visualise, report"):
         selected_stages(["extract", "tally_typo"])

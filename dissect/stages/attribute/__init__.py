@@ -32,6 +32,10 @@ guided_backprop        Saliency under GuidedReLUs("guided_backprop")         sum
 grad_cam               LayerGradCam (ReLU'd), LayerAttribution.interpolate   >= 0
 guided_grad_cam        guided_backprop x grad_cam (bilinear), as Captum's    sum_c |.|
 integrated_gradients   IntegratedGradients (Gauss-Legendre, black baseline)  sum_c, signed
+lrp                    zennit EpsilonPlusFlat (flat, z+, epsilon rules)      sum_c, signed
+deeplift               Rescale rule on ReLU and max-pool calls (own, as      sum_c, signed
+                       Captum's DeepLift rules), black reference
+deeplift_shap          deeplift averaged over black + noise references       sum_c, signed
 occlusion              Occlusion (window x window, black baseline)           signed
 lime                   Lime per image on SLIC superpixels, linear fit        signed
 =====================  ====================================================  ========
@@ -45,8 +49,14 @@ Guided methods (deconvolution, guided_backprop, guided_grad_cam) replace the
 backward pass of every ReLU. Captum does that with hooks on ``nn.ReLU``
 modules, which miss ``F.relu`` (GoogLeNet, DenseNet) and mix the calls of a
 reused module (ResNet blocks), so the rules are applied here to the ReLU
-*functions* instead, call by call (``dissect.guided_relu``). ``prepare_model``
-works on a copy of the model with every ``inplace=True`` turned off.
+*functions* instead, call by call (``dissect.guided_relu``). DeepLIFT and
+DeepLIFT-SHAP are Captum's rules applied the same way, call by call, to the
+ReLU and max-pool functions of a doubled batch (input, reference), and LRP is
+zennit's (not Captum's LRP, which fails on ``F.relu``, functional additions and
+reused modules); ``relevance`` says why and how. ``prepare_model`` works on a
+copy of the model with every ``inplace=True`` turned off. A model with other
+activations (GELU, SiLU, ...) loses the ReLU-only methods (guided, LRP,
+DeepLIFT) with one warning under ``methods: all``.
 
 Outputs in ``<out_dir>/attribute/``:
 
@@ -107,6 +117,7 @@ from dissect.stages.attribute.methods import (
     MAP_CONVENTIONS,
     METHOD_TABLE,
     METHODS,
+    RELU_ONLY_METHODS,
     Batch,
     Method,
     MethodSettings,
@@ -137,6 +148,15 @@ from dissect.stages.attribute.model import (
     last_conv,
     prepare_model,
 )
+from dissect.stages.attribute.relevance import (
+    DeepLiftRules,
+    OutOfPlaceReLUs,
+    batch_norm_follows_linear,
+    deeplift,
+    deeplift_shap,
+    lrp,
+    shap_references,
+)
 from dissect.stages.attribute.pairs import (
     build_pairs,
     class_image_indices,
@@ -160,7 +180,7 @@ from dissect.stages.attribute.stage import (
     compute_on_cluster,
     cost_sentence,
     create_method,
-    drop_undefined_guided_methods,
+    drop_relu_only_methods,
     mark_complete,
     model_spec,
     open_maps,
@@ -202,22 +222,26 @@ __all__ = [
     "METHODS",
     "METHOD_TABLE",
     "RANDOMISATION_COLUMNS",
+    "RELU_ONLY_METHODS",
     "SETTING_KEYS",
     "TILE",
     "UNIT_SELECTIONS",
     "AttributeSettings",
     "AttributionError",
     "Batch",
+    "DeepLiftRules",
     "Explained",
     "Method",
     "MethodSettings",
     "ModelSpec",
+    "OutOfPlaceReLUs",
     "PairBatch",
     "Piece",
     "PreparedModel",
     "UnitMaxima",
     "agreement_table",
     "attribution_maps",
+    "batch_norm_follows_linear",
     "black_baseline",
     "build_pairs",
     "call_counts",
@@ -232,7 +256,9 @@ __all__ = [
     "correlation_row",
     "cost_sentence",
     "create_method",
-    "drop_undefined_guided_methods",
+    "deeplift",
+    "deeplift_shap",
+    "drop_relu_only_methods",
     "explained",
     "forward_order",
     "grad_cam",
@@ -243,6 +269,7 @@ __all__ = [
     "lime_maps",
     "load_images",
     "load_seeded",
+    "lrp",
     "maps_task",
     "mark_complete",
     "model_passes",
@@ -266,6 +293,7 @@ __all__ = [
     "run",
     "scores",
     "select_units",
+    "shap_references",
     "share_model",
     "spearman_abs",
     "stage_inputs",

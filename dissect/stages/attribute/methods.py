@@ -31,8 +31,10 @@ from dissect.stages.attribute.guided_relu import GuidedReLUs
 from dissect.stages.attribute.model import (
     Explained,
     PreparedModel,
+    UnitMaxima,
     explained,
 )
+from dissect.stages.attribute.relevance import deeplift, deeplift_shap, lrp, shap_references
 
 #: Captum's chatter on every call of a batched run; nothing the user can act on.
 CAPTUM_NOISE = ("Input Tensor \\d+ did not already require gradients",)
@@ -48,6 +50,7 @@ class MethodSettings:
     occlusion_stride: int = 16
     lime_segments: int = 50
     lime_samples: int = 100
+    shap_references: int = 4
     batch_size: int = 16
     seed: int = 0
 
@@ -58,7 +61,8 @@ class Batch:
 
     ``inputs`` (B, 3, S, S) normalised images, ``targets`` (B,) output indices
     of ``target.module``, ``baselines`` (B, 3, S, S) the black image,
-    ``images`` (B, S, S, 3) uint8 the unnormalised inputs (LIME's superpixels).
+    ``images`` (B, S, S, 3) uint8 the unnormalised inputs (LIME's superpixels),
+    ``preprocessing`` how pixels are normalised (DeepLIFT-SHAP's noise references).
     """
 
     target: Explained
@@ -67,6 +71,7 @@ class Batch:
     baselines: torch.Tensor
     images: np.ndarray | None
     settings: MethodSettings
+    preprocessing: Preprocessing | None = None
 
 
 @dataclass(frozen=True)
@@ -75,13 +80,16 @@ class Method:
 
     ``passes(settings, S)`` gives the (forward, backward) passes of one image
     per map; ``absolute``: the map is a sum of absolute values (else signed);
-    ``guided``: it uses a guided ReLU rule (``guided_relu``).
+    ``guided``: it uses a guided ReLU rule (``guided_relu``); ``relu_only``:
+    its rules are defined for ReLU networks only (the guided methods, LRP and
+    DeepLIFT), so a model with other activations loses it.
     """
 
     compute: Callable[[Batch], torch.Tensor]
     convention: str
     absolute: bool = False
     guided: bool = False
+    relu_only: bool = False
     passes: Callable[[MethodSettings, int], tuple[int, int]] = lambda settings, size: (1, 1)
 
 
@@ -116,6 +124,20 @@ def occlusion_passes(settings: MethodSettings, size: int) -> tuple[int, int]:
     return positions * positions + 1, 0
 
 
+def explained_net(module: nn.Module) -> nn.Module:
+    """The model inside an explained module (``PreparedModel`` or ``UnitMaxima``), as its layers are named."""
+    return module.model.net if isinstance(module, UnitMaxima) else getattr(module, "net", module)
+
+
+def shap_maps(batch: Batch) -> torch.Tensor:
+    """(B, 3, S, S) DeepLIFT-SHAP: DeepLIFT averaged over the black image and seeded noise references."""
+    if batch.preprocessing is None:
+        raise AttributionError("deeplift_shap needs the preprocessing of the model for its noise references")
+    references = shap_references(batch.baselines[:1], batch.settings.shap_references, batch.settings.seed,
+                                 batch.preprocessing.normalise)
+    return deeplift_shap(batch.target.module, batch.inputs, references, batch.targets)
+
+
 def lime(batch: Batch) -> torch.Tensor:
     """(B, S, S): LIME's linear coefficient of each pixel's SLIC superpixel."""
     if batch.images is None:
@@ -134,16 +156,16 @@ METHOD_TABLE: dict[str, Method] = {
         "sum over channels of input x gradient, signed"),
     "deconvolution": Method(
         lambda b: guided_gradient(b, "deconvolution").abs().sum(1),
-        "sum over channels of |deconvnet signal|", absolute=True, guided=True),
+        "sum over channels of |deconvnet signal|", absolute=True, guided=True, relu_only=True),
     "guided_backprop": Method(
         lambda b: guided_gradient(b, "guided_backprop").abs().sum(1),
-        "sum over channels of |guided gradient|", absolute=True, guided=True),
+        "sum over channels of |guided gradient|", absolute=True, guided=True, relu_only=True),
     "grad_cam": Method(
         lambda b: grad_cam(b).sum(1),
         "ReLU of the weighted layer maps, bilinearly upsampled (>= 0)"),
     "guided_grad_cam": Method(  # as Captum's GuidedGradCam: guided backprop x upsampled Grad-CAM
         lambda b: (guided_gradient(b, "guided_backprop") * grad_cam(b)).abs().sum(1),
-        "sum over channels of |guided backprop x Grad-CAM|", absolute=True, guided=True,
+        "sum over channels of |guided backprop x Grad-CAM|", absolute=True, guided=True, relu_only=True,
         passes=lambda settings, size: (2, 2)),
     "integrated_gradients": Method(
         lambda b: IntegratedGradients(b.target.module).attribute(
@@ -151,6 +173,17 @@ METHOD_TABLE: dict[str, Method] = {
             internal_batch_size=b.settings.ig_internal_batch).sum(1),
         "sum over channels, signed (sums to f(x) - f(black))",
         passes=lambda settings, size: (settings.ig_steps, settings.ig_steps)),
+    "lrp": Method(  # zennit's EpsilonPlusFlat rules (dissect.stages.attribute.relevance explains the choice)
+        lambda b: lrp(b.target.module, explained_net(b.target.module), b.inputs, b.targets).sum(1),
+        "sum over channels of LRP relevance (flat, z+, epsilon rules), signed", relu_only=True),
+    "deeplift": Method(
+        lambda b: deeplift(b.target.module, b.inputs, b.baselines, b.targets).sum(1),
+        "sum over channels, signed (Rescale rule; sums to f(x) - f(black) for classes)", relu_only=True,
+        passes=lambda settings, size: (2, 2)),
+    "deeplift_shap": Method(
+        lambda b: shap_maps(b).sum(1),
+        "sum over channels, signed (DeepLIFT averaged over black and noise references)", relu_only=True,
+        passes=lambda settings, size: (2 * settings.shap_references, 2 * settings.shap_references)),
     "occlusion": Method(occlusion, "mean output drop of the windows covering the pixel, signed",
                         passes=occlusion_passes),
     "lime": Method(lime, "linear coefficient of the pixel's superpixel, signed",
@@ -160,6 +193,7 @@ METHODS = tuple(METHOD_TABLE)
 MAP_CONVENTIONS = {name: method.convention for name, method in METHOD_TABLE.items()}
 ABSOLUTE_METHODS = frozenset(name for name, method in METHOD_TABLE.items() if method.absolute)
 GUIDED_METHODS = frozenset(name for name, method in METHOD_TABLE.items() if method.guided)
+RELU_ONLY_METHODS = frozenset(name for name, method in METHOD_TABLE.items() if method.relu_only)
 
 
 def superpixels(images: np.ndarray, n_segments: int) -> torch.Tensor:
@@ -176,13 +210,14 @@ def superpixels(images: np.ndarray, n_segments: int) -> torch.Tensor:
 
 
 def attribution_maps(target: Explained, method: str, inputs: torch.Tensor, targets: torch.Tensor,
-                     baseline: torch.Tensor, settings: MethodSettings, images: np.ndarray | None = None
-                     ) -> torch.Tensor:
+                     baseline: torch.Tensor, settings: MethodSettings, images: np.ndarray | None = None,
+                     preprocessing: Preprocessing | None = None) -> torch.Tensor:
     """One call of ``method`` for a batch of pairs: (B, 3, S, S) inputs, (B,) targets -> (B, S, S) float32 maps.
 
     ``baseline`` (1, 3, S, S) is the black image (integrated gradients,
     occlusion, LIME); ``images`` (B, S, S, 3) uint8 are the unnormalised
-    inputs, needed by LIME's superpixels. The perturbation methods run
+    inputs, needed by LIME's superpixels; ``preprocessing`` by DeepLIFT-SHAP's
+    noise references. The perturbation methods run
     ``settings.batch_size`` rows per forward pass (occlusion: B images times
     batch_size // B windows; LIME: batch_size samples of one image).
     """
@@ -192,7 +227,7 @@ def attribution_maps(target: Explained, method: str, inputs: torch.Tensor, targe
         for message in CAPTUM_NOISE:
             warnings.filterwarnings("ignore", message=message)
         return METHOD_TABLE[method].compute(Batch(target, inputs, targets, baseline.expand_as(inputs), images,
-                                                  settings))
+                                                  settings, preprocessing))
 
 
 def lime_maps(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, baselines: torch.Tensor,
@@ -260,7 +295,7 @@ def compute_maps(model: PreparedModel, pairs: pd.DataFrame, images: torch.Tensor
         inputs = preprocessing.normalise(uint8.to(device)).contiguous(memory_format=torch.channels_last)
         maps = attribution_maps(explained(model, batch.layer, batch.grad_cam_layer), method, inputs,
                                 targets[batch.start:batch.stop].to(device), baseline, settings,
-                                uint8.permute(0, 2, 3, 1).numpy())
+                                uint8.permute(0, 2, 3, 1).numpy(), preprocessing)
         out[batch.start:batch.stop] = maps.detach().float().cpu().numpy()
         if progress is not None:
             progress.update(batch.stop - batch.start)

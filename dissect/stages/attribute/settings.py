@@ -35,6 +35,7 @@ class AttributeSettings:
     occlusion_stride: int
     lime_segments: int
     lime_samples: int
+    shap_references: int
     batch_size: int
     randomisation_pairs: int
     randomisation_steps: int
@@ -93,7 +94,8 @@ def read_settings(cfg: Mapping[str, Any], device_type: str) -> tuple[AttributeSe
     if not (isinstance(images, int) and images >= 0 or isinstance(images, list)):
         raise AttributionError(f"attribute.class_images={images!r}; allowed: a number of images, or a list of ids")
     for key in ("top_units", "images_per_unit", "ig_steps", "ig_internal_batch", "occlusion_window",
-                "occlusion_stride", "lime_segments", "lime_samples", "batch_size", "randomisation_steps"):
+                "occlusion_stride", "lime_segments", "lime_samples", "shap_references", "batch_size",
+                "randomisation_steps"):
         if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 1:
             raise AttributionError(f"attribute.{key}={config[key]!r}; allowed: an integer >= 1")
     if config["occlusion_stride"] > config["occlusion_window"]:
@@ -116,7 +118,7 @@ def read_settings(cfg: Mapping[str, Any], device_type: str) -> tuple[AttributeSe
         methods=tuple(m for m in METHODS if m in methods), grad_cam_layer=config["grad_cam_layer"],
         ig_steps=config["ig_steps"], ig_internal_batch=config["ig_internal_batch"],
         occlusion_window=config["occlusion_window"], occlusion_stride=config["occlusion_stride"],
-        lime_segments=config["lime_segments"], lime_samples=config["lime_samples"],
+        lime_segments=config["lime_segments"], lime_samples=config["lime_samples"], shap_references=config["shap_references"],
         batch_size=config["batch_size"], randomisation_pairs=config["randomisation_pairs"],
         randomisation_steps=config["randomisation_steps"], max_correlation=float(config["max_correlation"]),
         seed=int(config["seed"]), device=str(config["device"])), filled

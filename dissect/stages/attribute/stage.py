@@ -1,7 +1,7 @@
 """The attribute stage: its inputs and stamp, the model passes it will make, its run on the cluster, its summary.
 
 What runs where. This process does what is cheap and global: it reads the
-settings, loads the model (``load_seeded``) to check the guided methods, build
+settings, loads the model (``load_seeded``) to check the ReLU-only methods, build
 the pair table (scores, predicted classes, Grad-CAM layers) and find the
 randomisation cascade, and it writes maps.zarr, the tables, the strips,
 attribute.json and the stamp. The model work runs as dask tasks on the run's
@@ -71,7 +71,7 @@ from dissect.stages.attribute.checks import (
 from dissect.stages.attribute.errors import AttributionError
 from dissect.stages.attribute.guided_relu import other_activations
 from dissect.stages.attribute.methods import (
-    GUIDED_METHODS,
+    RELU_ONLY_METHODS,
     MAP_CONVENTIONS,
     PairBatch,
     model_passes,
@@ -110,25 +110,26 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 
 
-def drop_undefined_guided_methods(settings: AttributeSettings, model: PreparedModel, example: torch.Tensor,
-                                   all_methods: bool) -> AttributeSettings:
-    """``settings`` without the guided methods when the model has activations they are not defined for.
+def drop_relu_only_methods(settings: AttributeSettings, model: PreparedModel, example: torch.Tensor,
+                           all_methods: bool) -> AttributeSettings:
+    """``settings`` without the ReLU-only methods when the model has activations they are not defined for.
 
-    The guided rules replace the backward pass of ReLU only. With
-    ``methods: all`` they are left out with one warning; asked for by name,
-    they stop the stage.
+    The guided rules replace the backward pass of ReLU, DeepLIFT's Rescale
+    rule is applied to ReLU and max pooling, and LRP's rules assume a ReLU
+    network (``Method.relu_only``). With ``methods: all`` they are left out
+    with one warning; asked for by name, they stop the stage.
     """
-    guided = [m for m in settings.methods if m in GUIDED_METHODS]
-    others = other_activations(model, example) if guided else {}
+    relu_only = [m for m in settings.methods if m in RELU_ONLY_METHODS]
+    others = other_activations(model, example) if relu_only else {}
     if not others:
         return settings
     found = ", ".join(f"{name} ({calls} calls)" for name, calls in others.items())
     if not all_methods:
-        raise AttributionError(f"the guided methods {guided} are defined for ReLU only, and the model also applies "
-                               f"{found}; leave them out of attribute.methods")
-    log.warning("attribute: leaving out %s: the guided rules are defined for ReLU only, and the model also "
-                "applies %s", ", ".join(guided), found)
-    return replace(settings, methods=tuple(m for m in settings.methods if m not in GUIDED_METHODS))
+        raise AttributionError(f"the methods {relu_only} are defined for ReLU networks only, and the model also "
+                               f"applies {found}; leave them out of attribute.methods")
+    log.warning("attribute: leaving out %s: their rules are defined for ReLU networks only, and the model also "
+                "applies %s", ", ".join(relu_only), found)
+    return replace(settings, methods=tuple(m for m in settings.methods if m not in RELU_ONLY_METHODS))
 
 
 def cost_sentence(settings: AttributeSettings, pairs: pd.DataFrame, input_size: int) -> str:
@@ -298,7 +299,7 @@ def run(cfg: DictConfig) -> Path:
     first = int(np.flatnonzero(valid)[0])
     example = preprocessing.normalise(load_images([probe.image_paths[first]], preprocessing)).to(device)
     model = prepare_model(loaded.module.to(device))
-    settings = drop_undefined_guided_methods(settings, model, example, cfg.attribute.methods == "all")
+    settings = drop_relu_only_methods(settings, model, example, cfg.attribute.methods == "all")
     key = stage_inputs(cfg, layout, settings, loaded.description)
     if is_current(layout.stamp("attribute"), key, FORMAT, "attribute"):
         return out_dir
