@@ -86,16 +86,19 @@ def test_trained_model_has_clearly_more_detectors_than_random_weights(compose_co
 VISUALISED_LAYER, VISUALISED_UNITS = "features.relu4", 3
 
 
-@pytest.mark.slow  # shares the trained model; the probe pass and 256 ascent steps take about 30 s on 2 cores
+@pytest.mark.slow  # shares the trained model; the probe pass and 512 ascent steps (Lucid's) take about 40 s on 2 cores
 def test_the_visualisation_of_a_trained_detector_beats_its_largest_probe_activation(compose_config, trained_model,
                                                                                     tmp_path):
-    """The unit's centre position, optimised, exceeds its largest activation anywhere on any probe image."""
+    """The unit's centre position, optimised, exceeds its largest activation anywhere on any probe image.
+
+    Measured on this model: at 512 steps the three best detectors of relu4 reach 3.9, 5.2 and 6.0 against
+    2.8, 3.0 and 3.8 anywhere on the probe images; at 256 steps the first reached only 2.5."""
     probe, checkpoint, outputs = trained_model
     cfg = compose_config(["model=default", f"model.checkpoint={checkpoint}", f"model.module.num_classes={outputs}",
                           f"layers=[{VISUALISED_LAYER}]", "dataset=default", f"dataset.root={probe}",
                           f"out_dir={tmp_path / 'run'}", "stages=[extract,thresholds,tally,visualise]",
                           f"visualise.top_units={VISUALISED_UNITS}", "visualise.dead_units=0", "visualise.classes=[]",
-                          "visualise.objective=centre", "visualise.steps=256", "visualise.dream.images=0",
+                          "visualise.objective=centre", "visualise.steps=512", "visualise.dream.images=0",
                           "visualise.viewer.images=0"])
     run_pipeline(cfg)
     units = pd.read_csv(RunLayout(cfg.out_dir).visualise_units_csv)
