@@ -1,7 +1,7 @@
 """Benchmark of the visualise stage's batching: seconds per synthesised image, 64 units in one batch or one at a time.
 
 Usage: ``python benchmarks/visualise.py [--models embedded alexnet] [--units 64] [--single 8] [--steps N]
-[--param fourier|pixel] [--device cpu|cuda]``
+[--param fourier|pixel] [--device cpu|cuda] [--no-batch-invariant]``
 
 For each model (random weights: speed does not depend on them), ``--units``
 units of its unit layer are optimised in one batch (the stage's path:
@@ -56,11 +56,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: visualise.steps of the config")
     parser.add_argument("--param", choices=["fourier", "pixel"], default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-batch-invariant", action="store_true",
+                        help="oneDNN (CPU) / cuDNN autotuned kernels: faster, but rows depend on the batch")
     args = parser.parse_args()
     settings = config_settings()
-    settings = replace(settings, steps=args.steps or settings.steps, param=args.param or settings.param)
+    settings = replace(settings, steps=args.steps or settings.steps, param=args.param or settings.param,
+                       batch_invariant=not args.no_batch_invariant)
     device = torch.device(args.device)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, {settings.param}, {settings.steps} steps")
+    print(f"device {device}, torch threads {torch.get_num_threads()}, {settings.param}, {settings.steps} steps, "
+          f"batch_invariant={settings.batch_invariant}")
     print(f"{'model':10} {'units':>5} {'batched s/unit':>15} {'single s/unit':>14} {'speed-up':>9} {'max diff':>9}")
     for name in args.models:
         build, size, mean, std, layer = MODELS[name]

@@ -723,6 +723,7 @@ def assert_same_outputs(here: RunLayout, there: RunLayout, tables: set[str]) -> 
     return {address: entry["tasks"] for address, entry in summary["workers"].items()}
 
 
+@pytest.mark.slow  # every method on two worker processes: about 14 s
 def test_on_two_worker_processes_the_stage_writes_what_it_writes_in_process(planted_run, two_workers, tmp_path):
     cfg, _ = planted_run
     for name in ("here", "there"):
@@ -735,6 +736,7 @@ def test_on_two_worker_processes_the_stage_writes_what_it_writes_in_process(plan
     assert sum(tasks.values()) == 2 * len(METHODS) + 2 * len(METHODS)
 
 
+@pytest.mark.slow  # about 11 s
 def test_class_maps_of_a_checkpointed_model_on_two_worker_processes_equal_the_in_process_ones(
         image_folder, tiny_checkpoint, two_workers, compose_config, tmp_path):
     cfg = compose_config(tiny_overrides(image_folder, tmp_path / "here", tiny_checkpoint))

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torchvision
 import zarr
 from hydra import compose, initialize_config_dir
 from matplotlib.colors import rgb_to_hsv
@@ -78,25 +79,31 @@ def test_a_colour_unit_wants_to_see_its_colour(param):
         assert result.reached[unit] > 10 * result.initial[unit] and not result.flat[unit]
 
 
-@pytest.mark.parametrize("param", ["fourier", "pixel"])
-@pytest.mark.parametrize("net", ["planted", "convolutional"])
-def test_a_batched_run_gives_each_unit_exactly_what_a_run_of_it_alone_gives(param, net):
+@pytest.mark.parametrize(("net", "param"), [("planted", "fourier"), ("planted", "pixel"), ("convolutional", "fourier"),
+                                            ("convolutional", "pixel"), ("alexnet", "fourier")])
+def test_a_batched_run_gives_each_unit_exactly_what_a_run_of_it_alone_gives(net, param):
+    """Each way the CPU kernels could make a row depend on its batch is exercised: oneDNN's convolutions (all
+    convolutional nets), NNPACK's (16 rows), two threads splitting one row's matrix products (AlexNet at 227 px,
+    whose batch of one differs from its batch of two in 8 steps without one thread)."""
     torch.manual_seed(0)
+    rows, size = 3, 64
     if net == "planted":
         model, layer = prepare_model(PlantedDetectors(colors=PLANTED_COLOURS, stripes=False)), "units"
-    else:  # batch normalisation, convolutions and ReLUs: oneDNN's kernels would depend on the batch
-        model, layer = prepare_model(SmallCNN(num_classes=4, width=4)), "features.relu3"
-    settings = default_settings(param=param, steps=12, redirect_relu=net != "planted")
-    targets = [Target("unit", layer, unit) for unit in range(3)]
-    seeds = [5, 6, 7]
-    batched = synthesise(model, targets, seeds, settings, IDENTITY, 64, CPU)
-    for row, (target, seed) in enumerate(zip(targets, seeds)):
-        alone = synthesise(model, [target], [seed], settings, IDENTITY, 64, CPU)
+    elif net == "convolutional":
+        model, layer, rows = prepare_model(SmallCNN(num_classes=4, width=4)), "features.relu3", 16
+    else:
+        model, layer, rows, size = prepare_model(torchvision.models.alexnet(weights=None)), "features.10", 2, 227
+    settings = default_settings(param=param, steps=8 if net == "alexnet" else 12, redirect_relu=net != "planted")
+    targets = [Target("unit", layer, unit % 3) for unit in range(rows)]
+    seeds = [5 + row for row in range(rows)]
+    batched = synthesise(model, targets, seeds, settings, IDENTITY, size, CPU)
+    for row, (target, seed) in list(enumerate(zip(targets, seeds)))[:3]:
+        alone = synthesise(model, [target], [seed], settings, IDENTITY, size, CPU)
         np.testing.assert_array_equal(batched.images[row], alone.images[0])
         assert batched.reached[row] == alone.reached[0]
-    again = synthesise(model, targets, seeds, settings, IDENTITY, 64, CPU)
+    again = synthesise(model, targets, seeds, settings, IDENTITY, size, CPU)
     np.testing.assert_array_equal(again.images, batched.images)  # the same seed, the same images
-    other = synthesise(model, targets, [8, 9, 10], settings, IDENTITY, 64, CPU)
+    other = synthesise(model, targets, [seed + 100 for seed in seeds], settings, IDENTITY, size, CPU)
     assert not np.array_equal(other.images, batched.images)
 
 

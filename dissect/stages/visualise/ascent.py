@@ -5,12 +5,16 @@ from its own seed. Rows never interact: the model is in eval mode (batch
 normalisation uses its running statistics), each row draws its initial image
 and its random transforms from its own generator, Adam and the pixel steps act
 element by element and normalise per row. The kernels must not depend on the
-batch size either: oneDNN's CPU convolutions do (a row's gradient changes in
-its last bits with the batch, and 128 Adam steps, whose first steps move by
-lr x sign(gradient), turn that into images that differ visibly), so with
-``batch_invariant`` the passes run with oneDNN off on the CPU (PyTorch's
-own convolutions, which compute row by row) and with deterministic cuDNN on
-a GPU. Then a batched run gives each row exactly what a run of that row alone
+batch size either, and on the CPU they do three ways: oneDNN's convolutions,
+NNPACK's (which PyTorch takes for batches of 16 and more), and any kernel run
+on several threads, which splits a batch of one inside its matrix products but
+a larger batch across its rows (a row's gradient changes in its last bits with
+the batch, and 128 Adam steps, whose first steps move by lr x sign(gradient),
+turn that into images that differ visibly). So with ``batch_invariant`` the
+passes run on the CPU with oneDNN and NNPACK off and one thread (PyTorch's own
+convolutions, row by row; the cores are used by running batches on several
+dask workers, ``cluster.processes=true``), and with deterministic cuDNN on a
+GPU (where batch invariance is not measured here). Then a batched run gives each row exactly what a run of that row alone
 gives on the CPU (tests/test_visualise.py; benchmarks/visualise.py measures
 the cost).
 
@@ -78,16 +82,25 @@ def batch_invariant_kernels(device: torch.device, enabled: bool) -> Iterator[Non
         with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
             yield
     else:
-        with warnings.catch_warnings():  # torch warns about TF32 on Intel GPUs whenever oneDNN flags are set
-            warnings.simplefilter("ignore", UserWarning)
-            flags = torch.backends.mkldnn.flags(enabled=False)
-            flags.__enter__()
+        flags, threads = contextlib.ExitStack(), torch.get_num_threads()
+        with _without_tf32_warning():
+            flags.enter_context(torch.backends.mkldnn.flags(enabled=False))
+            flags.enter_context(torch.backends.nnpack.flags(enabled=False))
+        torch.set_num_threads(1)
         try:
             yield
         finally:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                flags.__exit__(None, None, None)
+            torch.set_num_threads(threads)
+            with _without_tf32_warning():
+                flags.close()
+
+
+@contextlib.contextmanager
+def _without_tf32_warning() -> Iterator[None]:
+    """Silence the UserWarning torch gives about TF32 on Intel GPUs whenever oneDNN's flags are set."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN", category=UserWarning)
+        yield
 
 
 def synthesise(model: PreparedModel, targets: list[Target], seeds: list[int], settings: VisualiseSettings,
