@@ -59,7 +59,7 @@ def unit_fragment(layout: RunLayout, rows: list[dict] | None) -> str:
     """A unit card's synthesised images with their objective, or "" when the unit was not visualised."""
     if not rows:
         return ""
-    figures = "".join(f"<figure style='display:inline-block;margin:4px'>"
+    figures = "".join(f"<figure style='display:inline-block;vertical-align:top;margin:4px'>"
                       f"{_image(layout, row['image'], 'synthesised image of unit ' + str(row['index']))}"
                       f"<figcaption class='concepts'>{_caption(row)}</figcaption></figure>" for row in rows)
     return f"<div class='visualise'><b>What it wants to see</b> ({escape(str(rows[0]['param']))}):<br>{figures}</div>"
@@ -86,7 +86,7 @@ def render(run_dir: Path, report_dir: Path) -> str:
     links = " · ".join(f"<a href='{escape(layout.report_visualise_page(layer).name)}'>{escape(layer)}</a>"
                        for layer in layers)
     classes = units[units["kind"] == "class"].to_dict("records")
-    class_figures = "".join(f"<figure style='display:inline-block;margin:4px'>"
+    class_figures = "".join(f"<figure style='display:inline-block;vertical-align:top;margin:4px'>"
                             f"{_image(layout, row['image'], 'class ' + str(row['index']))}"
                             f"<figcaption class='concepts'>class {int(row['index'])}: {_caption(row)}</figcaption>"
                             "</figure>" for row in classes)
@@ -139,7 +139,7 @@ def pages(layout: RunLayout, labels: dict[str, dict[int, str]]) -> dict[Path, tu
             unit = int(row["index"])
             label = labels.get(layer, {}).get(unit, "")
             card = escape(f"{layer_file(layer)}#{unit_anchor(layer, unit)}", quote=True)
-            figures.append(f"<figure style='display:inline-block;margin:4px;width:{THUMB + 40}px'>"
+            figures.append(f"<figure style='display:inline-block;vertical-align:top;margin:4px;width:{THUMB + 40}px'>"
                            f"{_image(layout, row['image'], 'unit ' + str(unit))}<figcaption class='concepts'>"
                            f"<a href='{card}'>unit {unit}</a> {escape(label)} ({escape(str(row['reason']))})<br>"
                            f"{_caption(row)}</figcaption></figure>")
