@@ -55,11 +55,14 @@ class ExtractSettings:
 class ThresholdsSettings:
     quantile: float = MISSING
     block_images: int = MISSING
+    memory_mib: float = MISSING
 
     def __post_init__(self) -> None:
         require("thresholds", [("quantile", self.quantile, 0 < self.quantile < 1,
                                 "strictly between 0 and 1 (0.005 is standard)"),
-                               ("block_images", self.block_images, self.block_images >= 1, "an integer >= 1")])
+                               ("block_images", self.block_images, self.block_images >= 1, "an integer >= 1"),
+                               ("memory_mib", self.memory_mib, self.memory_mib > 0,
+                                "a number of MiB > 0 (1024 is standard)")])
 
 
 @dataclass

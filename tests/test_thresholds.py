@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from conftest import write_activation_store
-from dissect.artifacts import read_thresholds
+from dissect.artifacts import read_json, read_thresholds
 from dissect.errors import ArtifactError
 from dissect.layout import RunLayout
 from dissect.errors import ConfigError
-from dissect.stages.thresholds import quantile_rank, run
+from dissect.stages.thresholds import key_values, order_keys, quantile_rank, run
 
 
 @pytest.mark.parametrize("quantile", [0.005, 0.1, 0.5, 1e-6])
@@ -41,3 +41,71 @@ def test_bad_quantile_and_unknown_layer_are_refused(tmp_path, compose_config):
         run(compose_config([f"out_dir={tmp_path}", "layers=[conv]", "thresholds.quantile=1.5"]))
     with pytest.raises(ArtifactError, match=r"\['conv9'\] were not extracted; the store holds \['conv'\]"):
         run(compose_config([f"out_dir={tmp_path}", "layers=[conv9]"]))
+
+
+def tied_long_tail_maps(rng: np.random.Generator) -> np.ndarray:
+    """(60, 5, 6, 6) maps built to stress an order statistic: heavy ties, a long tail, negatives and float16 extremes."""
+    maps = np.zeros((60, 5, 6, 6))
+    maps[:, 0] = np.maximum(rng.normal(size=(60, 6, 6)), 0)           # ReLU: half the values tie at 0
+    maps[:, 1] = np.minimum(rng.pareto(1.2, size=(60, 6, 6)) * 50, 6e4)  # a long tail, up to float16's range
+    maps[:, 2] = rng.integers(0, 3, size=(60, 6, 6)).astype(float)    # three values only: ties at every rank
+    maps[:, 3] = -rng.lognormal(0, 2, size=(60, 6, 6))                # all negative, spread over decades
+    maps[:, 4] = rng.choice([-65504.0, -1e-7, 0.0, 1e-7, 65504.0], size=(60, 6, 6))  # subnormals and the extremes
+    return maps
+
+
+@pytest.mark.parametrize("quantile", [0.005, 0.1, 0.5, 0.999])
+def test_radix_select_under_a_tiny_budget_equals_numpy_quantile_on_ties_and_a_long_tail(tmp_path, compose_config,
+                                                                                       quantile):
+    maps = tied_long_tail_maps(np.random.default_rng(4))
+    valid = np.ones(60, bool)
+    valid[[0, 33]] = False
+    maps[~valid] = 60000.0  # must not count
+    write_activation_store(tmp_path, [f"i{k}" for k in range(60)], {"conv": maps}, valid)
+    run(compose_config([f"out_dir={tmp_path}", "layers=[conv]", f"thresholds.quantile={quantile}",
+                        "thresholds.block_images=9", "thresholds.memory_mib=1e-6"]))
+    layout = RunLayout(tmp_path)
+    assert read_json(layout.thresholds_json("conv"))["method"] == "radix select"
+    stored = maps.astype(np.float16)[valid]
+    assert np.isfinite(stored).all()
+    expected = np.quantile(np.moveaxis(stored, 1, 0).reshape(5, -1).astype(np.float64), 1 - quantile, axis=1)
+    # the stated bound is zero: equal to numpy to the last bit
+    np.testing.assert_array_equal(read_thresholds(layout, "conv"), expected)
+
+
+def test_the_default_budget_keeps_the_top_m_merge_and_the_budget_changes_no_stamp(tmp_path, compose_config):
+    maps = tied_long_tail_maps(np.random.default_rng(5))
+    write_activation_store(tmp_path, [f"i{k}" for k in range(60)], {"conv": maps})
+    layout = RunLayout(tmp_path)
+    base = [f"out_dir={tmp_path}", "layers=[conv]", "thresholds.quantile=0.02"]
+    run(compose_config(base))
+    how = read_json(layout.thresholds_json("conv"))
+    m = 60 * 36 - int(np.floor(0.98 * (60 * 36 - 1)))  # order statistics from the interpolation point up
+    assert (how["method"], how["memory_mib"]) == ("top-m merge", 1024)
+    assert how["top_m_peak_mib"] == pytest.approx(7 * 5 * m * 4 / 2**20)
+    exact = read_thresholds(layout, "conv")
+    stamp = layout.stamp("thresholds", "conv").read_bytes()
+    run(compose_config(base + ["thresholds.memory_mib=1e-6"]))  # skipped: the budget is not an input
+    assert layout.stamp("thresholds", "conv").read_bytes() == stamp
+    assert read_json(layout.thresholds_json("conv"))["method"] == "top-m merge"
+    layout.stamp("thresholds", "conv").unlink()
+    run(compose_config(base + ["thresholds.memory_mib=1e-6"]))
+    assert read_json(layout.thresholds_json("conv"))["method"] == "radix select"
+    np.testing.assert_array_equal(read_thresholds(layout, "conv"), exact)
+
+
+def test_order_keys_sort_like_the_float16_values_and_invert():
+    values = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    values = values[~np.isnan(values)]
+    keys = order_keys(values)
+    order = np.argsort(keys, kind="stable")
+    assert (np.diff(values[order].astype(np.float64)) >= 0).all()
+    back = key_values(keys)
+    np.testing.assert_array_equal(back, values)  # -0.0 reads back as +0.0, which compares equal
+    assert not np.signbit(key_values(order_keys(np.float16([-0.0])))).any()
+
+
+def test_a_bad_memory_budget_is_one_clear_error(tmp_path, compose_config):
+    write_activation_store(tmp_path, ["a", "b"], {"conv": np.zeros((2, 1, 2, 2))})
+    with pytest.raises(ConfigError, match=r"thresholds.memory_mib=0.0 is not allowed; it must be a number of MiB > 0"):
+        run(compose_config([f"out_dir={tmp_path}", "layers=[conv]", "thresholds.memory_mib=0"]))

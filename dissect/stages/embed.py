@@ -3,8 +3,10 @@
 It reads the features of ``embed.layer`` for the valid probe images: a vector
 layer as stored, a map layer (U, h, w) averaged over space to (U,). Images
 with any non-finite feature (float16 overflow gives inf) are left out with a
-warning; N is the number of images kept, D the number of features. PCA
-(scikit-learn) reduces them to k = min(pca_components, N - 1, D) components (N
+warning; N is the number of images kept, D the number of features. They are
+read one chunk at a time into one (N, D) float32 table, the only one the stage
+holds: the nearest neighbours below are found on it first, then PCA
+(scikit-learn, centring the table in place) reduces them to k = min(pca_components, N - 1, D) components (N
 centred rows span at most N - 1 dimensions), and the PCA features are laid out
 in 2-D by t-SNE (openTSNE: PCA initialisation, learning rate N / 12,
 Barnes-Hut below 10,000 points and FFT-accelerated interpolation above, which
@@ -147,8 +149,11 @@ def run(cfg: DictConfig) -> Path:
         write_stamp(layout.stamp("embed"), inputs, FORMAT)
         return out
     used = used_settings(settings, n_images, n_features)
+    with timed("neighbours", seconds):
+        queries = choose_queries(n_images, used["queries"], settings.seed)
+        neighbours, distances = nearest_neighbours(features, queries, used["neighbours"])
     with timed("pca", seconds):
-        reduced, explained = pca_features(features, used["pca_components"], settings.seed)
+        reduced, explained = pca_features(features, used["pca_components"], settings.seed)  # centres it in place
     informative = reduced.shape[1]
     if informative < used["pca_components"]:
         log.warning("embed: layer %s has only %d informative dimensions (PCA components with more than %g of the "
@@ -163,9 +168,6 @@ def run(cfg: DictConfig) -> Path:
     with timed("trustworthiness", seconds):
         trust = trustworthiness_scores(reduced, layouts, used["trustworthiness_sample"],
                                        used["trustworthiness_neighbors"], settings.seed)
-    with timed("neighbours", seconds):
-        queries = choose_queries(n_images, used["queries"], settings.seed)
-        neighbours, distances = nearest_neighbours(features, queries, used["neighbours"])
     del features, reduced
     write_coords(layout.embed_coords, image_ids, labels, layouts)
     write_neighbours(layout.embed_neighbours_csv, image_ids, queries, neighbours, distances)
@@ -223,7 +225,7 @@ def read_features(store: zarr.Group, layer: str) -> tuple[np.ndarray, np.ndarray
 
     A vector layer's (N_all, D) float16 activations are read as they are; a map
     layer's (N_all, U, h, w) maps are averaged over (h, w) in float32, so D = U.
-    Read one chunk of images at a time.
+    Read one chunk of images at a time into the one (N, D) table.
     """
     layers = store.attrs["layers"]
     if layer not in layers:
@@ -233,12 +235,14 @@ def read_features(store: zarr.Group, layer: str) -> tuple[np.ndarray, np.ndarray
     array = store[layer]["maps" if is_map else "activations"]
     valid = store["valid"][:]
     step = array.chunks[0]
-    blocks = []
+    features = np.empty((int(valid.sum()), array.shape[1]), dtype=np.float32)
+    filled = 0
     for first in tqdm(range(0, array.shape[0], step), desc=f"embed: read {layer}", unit="chunk"):
         keep = valid[first:first + step]
         block = array[first:first + step][keep].astype(np.float32)
-        blocks.append(block.mean(axis=(2, 3)) if is_map else block)
-    return np.concatenate(blocks), np.flatnonzero(valid)
+        features[filled:filled + len(block)] = block.mean(axis=(2, 3)) if is_map else block
+        filled += len(block)
+    return features, np.flatnonzero(valid)
 
 
 def finite_rows(features: np.ndarray, rows: np.ndarray, layer: str) -> tuple[np.ndarray, np.ndarray]:
@@ -267,8 +271,12 @@ def no_information(features: np.ndarray, n_valid: int, layer: str) -> str | None
 
 def pca_features(features: np.ndarray, n_components: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) float32 -> ((N, r) float32 PCA scores, (r,) explained variance ratios) of the r informative
-    components among the first n_components (see the module docstring); the features must not be constant."""
-    pca = PCA(n_components=n_components, random_state=seed)
+    components among the first n_components (see the module docstring); the features must not be constant.
+
+    The features are centred in place (``copy=False``: the same scores as a
+    centred copy, without a second (N, D) table): use the raw features before.
+    """
+    pca = PCA(n_components=n_components, random_state=seed, copy=False)
     reduced = pca.fit_transform(features).astype(np.float32)
     informative = int((pca.explained_variance_ > RANK_TOLERANCE * pca.explained_variance_[0]).sum())
     return reduced[:, :informative], pca.explained_variance_ratio_[:informative]
