@@ -277,12 +277,24 @@ def test_the_dream_and_the_report_pages(visualised_run):
             assert (page.parent / source).resolve().is_file(), source  # every picture the page shows exists
 
 
-def test_a_finished_stage_is_skipped(visualised_run, caplog):
+def test_a_finished_stage_is_skipped_and_a_changed_setting_reruns_it_alone(visualised_run, caplog):
     layout = RunLayout(visualised_run.out_dir)
     before = layout.visualise_json.stat().st_mtime_ns
+    upstream = {stage: layout.stamp(stage, layer).read_bytes() for stage, layer in
+                (("extract", None), ("audit", None), ("tally", "features.relu4"))}
     cfg = visualised_run.copy()
     cfg.stages = ["visualise"]
     with caplog.at_level("INFO"):
         run_pipeline(cfg)
     assert layout.visualise_json.stat().st_mtime_ns == before
     assert "visualise: done with these settings and inputs, skipping" in caplog.text
+    cfg.stages = ["extract", "thresholds", "tally", "audit", "visualise"]
+    cfg.visualise.steps = 9
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run_pipeline(cfg)
+    assert "visualise: changed: visualise.steps; running again" in caplog.text
+    assert read_json(layout.visualise_json)["settings"]["steps"] == 9
+    assert pd.read_csv(layout.visualise_units_csv)["steps"].eq(9).all()
+    assert {stage: layout.stamp(stage, layer).read_bytes() for stage, layer in
+            (("extract", None), ("audit", None), ("tally", "features.relu4"))} == upstream
