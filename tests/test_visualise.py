@@ -30,6 +30,7 @@ from dissect.stages import visualise
 from dissect.stages.attribute.model import prepare_model
 from dissect.stages.visualise.ascent import Normalisation, synthesise
 from dissect.stages.visualise.dream import dream
+from dissect.stages.visualise import viewer as visualise_viewer
 from dissect.stages.visualise.objectives import Target
 from planted_models import PlantedDetectors
 from browser import console_errors, open_page
@@ -298,3 +299,29 @@ def test_a_finished_stage_is_skipped_and_a_changed_setting_reruns_it_alone(visua
     assert pd.read_csv(layout.visualise_units_csv)["steps"].eq(9).all()
     assert {stage: layout.stamp(stage, layer).read_bytes() for stage, layer in
             (("extract", None), ("audit", None), ("tally", "features.relu4"))} == upstream
+
+
+def test_vector_unit_and_class_objectives_are_the_values_the_model_gives_on_the_image():
+    torch.manual_seed(0)
+    net = SmallCNN(num_classes=4, width=4)
+    model = prepare_model(net)
+    settings = default_settings(steps=48)
+    normalise = Normalisation((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    targets = [Target("unit", "classifier.fc1", 5), Target("unit", "classifier.fc1", 9)]
+    units = synthesise(model, targets, [1, 2], settings, normalise, 64, CPU)
+    classes = synthesise(model, [Target("class", None, 2)], [3], settings, normalise, 64, CPU)
+    images = torch.from_numpy(np.stack([*units.images, *classes.images])).permute(0, 3, 1, 2).float() / 255
+    with LayerRecorder(net.eval(), ["classifier.fc1"]) as recorder:
+        recorded = recorder.run(normalise(images))["classifier.fc1"]
+    with torch.no_grad():
+        logits = net(normalise(images))
+    # the PNGs are rounded to uint8, so the values match to that rounding
+    np.testing.assert_allclose(units.reached, recorded[[0, 1], [5, 9]].numpy(), rtol=0.02, atol=0.02)
+    assert classes.reached[0] == pytest.approx(float(logits[2, 2]), rel=0.02, abs=0.02)
+    assert (units.reached > units.initial).all() and classes.reached[0] > classes.initial[0]
+
+
+def test_tile_scales_per_unit_and_per_layer():
+    maps = np.array([[[0.0, 2.0]], [[-1.0, -3.0]], [[5.0, 1.0]]])  # (3 units, 1, 2)
+    np.testing.assert_array_equal(visualise_viewer.tile_scales(maps, "unit"), [2.0, 0.0, 5.0])
+    np.testing.assert_array_equal(visualise_viewer.tile_scales(maps, "layer"), [5.0, 5.0, 5.0])
