@@ -283,3 +283,28 @@ def test_the_report_section_shows_the_tables_overlays_and_aucs_in_a_browser(expl
     assert dom.count("class=\"overlays\"") == 3  # methods (explainers against LIME), seeds, blur
     assert dom.count("<img loading=\"lazy\" width=\"128\"") == len(summary["overlays"])
     assert "id=\"explainer-timing\"" in dom and "lime_seed0" in dom
+
+
+def test_the_model_comparison_matches_images_by_id_and_equals_numpy(explained_run, tmp_path):
+    """Against a second run whose grid masks are shifted by 8 pixels (another model's explanations, as far as the
+    comparison can tell): the grid rows are numpy's Jaccard of the two stored masks, the untouched methods give 1."""
+    cfg, _, _ = explained_run
+    layout = RunLayout(cfg.out_dir)
+    other, copy = tmp_path / "other", tmp_path / "copy"
+    shutil.copytree(layout.root, other)
+    shutil.copytree(layout.root, copy)
+    group = zarr.open_group(RunLayout(other).explanations_masks, mode="a")
+    shifted = np.roll(group["grid"][:], 8, axis=2)
+    group["grid"][:] = shifted
+    explanations.run(OmegaConf.merge(cfg, {"out_dir": str(copy), "explanations": {"compare_run": str(other),
+                                                                                "explainers": ["grid", "statistical"]}}))
+    table = pd.read_csv(RunLayout(copy).jaccard_csv("models"))
+    pairs = pd.read_csv(RunLayout(copy).explanations_pairs_csv)
+    mine = zarr.open_group(RunLayout(copy).explanations_masks, mode="r")["grid"][:]
+    grid = table[table["a"] == "grid"]
+    assert sorted(grid["image_id"]) == sorted(pairs["image_id"])
+    for row in grid.itertuples():
+        k = int(pairs.index[pairs["pair"] == row.pair][0])
+        assert row.jaccard == pytest.approx(np.sum(mine[k] & shifted[k]) / np.sum(mine[k] | shifted[k]), abs=1e-6)
+    assert (grid["jaccard"] < 1).any()
+    assert (table.loc[table["a"] == "statistical", "jaccard"] == 1).all()
