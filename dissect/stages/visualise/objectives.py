@@ -27,8 +27,6 @@ from torch import nn
 from dissect.errors import ConfigError
 from dissect.stages.attribute.model import PreparedModel
 
-KINDS = ("unit", "class", "layer")
-
 
 @dataclass(frozen=True)
 class Target:

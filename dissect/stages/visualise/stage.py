@@ -105,7 +105,8 @@ def targets_table(layout: RunLayout, layers: list[str], settings: VisualiseSetti
     rows = []
     for layer, unit, reason in units:
         if layer not in unit_counts:
-            raise ConfigError(f"visualise: layer {layer!r} is not among the recorded layers {list(unit_counts)[:-1]}")
+            raise ConfigError(f"visualise: layer {layer!r} is not among the recorded layers "
+                              f"{[name for name in unit_counts if name is not None]}")
         if unit >= unit_counts[layer]:
             raise ConfigError(f"visualise.unit_pairs: unit {unit} of layer {layer!r} does not exist; "
                               f"units are 0..{unit_counts[layer] - 1}")
