@@ -48,25 +48,39 @@ Layout: ``images/<n>.jpg`` (JPEG quality 95, 4:4:4 chroma), ``images/<n>_<catego
 (``<n>_part_<k>.png`` for part layer k), the CSV files, and
 ``synthetic.json`` with the build parameters. The build goes into
 ``<root>.partial`` and is renamed to ``<root>`` when complete, so ``<root>``
-exists only when complete; a leftover ``.partial`` directory is rebuilt.
+exists only when complete; a leftover ``.partial`` directory with the same
+parameters is resumed, one with others is rebuilt (``data_prep.broden_build``,
+which also holds the image and table writers shared with ``data_prep.broden_like``
+and the converters).
+
+This is the ``basic`` profile of ``python -m data_prep synthetic``; the
+``demo`` and ``broden-scale`` profiles are ``data_prep.broden_like``.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
-import multiprocessing
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import skimage.data
 from PIL import Image
-from tqdm import tqdm
 
-from dissect.broden import CATEGORIES, IMAGE_CATEGORIES, INDEX_COLUMNS, PIXEL_CATEGORIES
+from data_prep import broden_build
+from data_prep.broden_build import (  # noqa: F401  (re-exported: the converters and tests import them from here)
+    JPEG_SUBSAMPLING,
+    PARAMS_FILE,
+    ImageRecord,
+    build,
+    image_stem,
+    label_shares,
+    params_match,
+    write_csv,
+    write_image_files,
+    write_label_png,
+)
+from dissect.broden import IMAGE_CATEGORIES, PIXEL_CATEGORIES
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "black-c": (20, 20, 20),
@@ -120,9 +134,6 @@ LABEL_NUMBER: dict[str, int] = {name: k + 1 for k, (name, _) in enumerate(LABELS
 TEXTURE_SHARE = 0.2
 VAL_EVERY = 5
 NOISE_SIGMA = 6.0
-JPEG_SUBSAMPLING = 0
-"""4:4:4 chroma (no subsampling), so colours stay true up to region edges."""
-PARAMS_FILE = "synthetic.json"
 FORMAT_VERSION = 1
 
 
@@ -404,98 +415,17 @@ def render_scene(scene: ScenePlan, y: np.ndarray, x: np.ndarray) -> tuple[np.nda
     return rgb, {"color": [color], "object": [obj], "part": part_layers, "material": [material]}
 
 
-@dataclass(frozen=True)
-class ImageRecord:
-    """What the build keeps of one written image: its index.csv row and its label statistics."""
-
-    row: dict[str, str]
-    shares: dict[tuple[int, str], float]
-    """(label number, category) -> share of the mask pixels carrying the label (1.0 for whole-image labels)."""
-
-
-def image_stem(i: int, n_images: int) -> str:
-    """File name stem of image ``i``: the number zero-padded to at least 6 digits."""
-    return f"{i:0{max(6, len(str(n_images - 1)))}d}"
-
-
-def write_label_png(path: Path, layer: np.ndarray) -> None:
-    """Write a (h, w) label map as a Broden mask PNG (R = number % 256, G = number // 256, B = 0)."""
-    rgb = np.zeros((*layer.shape, 3), np.uint8)
-    rgb[:, :, 0] = layer % 256
-    rgb[:, :, 1] = layer // 256
-    Image.fromarray(rgb).save(path)
-
-
-def label_shares(layers: np.ndarray) -> dict[int, float]:
-    """Share of mask pixels carrying each non-zero label in any of the layers (layers, h, w)."""
-    pixels = layers.shape[1] * layers.shape[2]
-    return {int(label): float((layers == label).any(axis=0).sum() / pixels) for label in np.unique(layers) if label}
-
-
-def build_image(i: int, seed: int, size: int, n_images: int, images_dir: Path) -> ImageRecord:
+def build_image(i: int, images_dir: Path, seed: int, size: int, n_images: int) -> ImageRecord:
     """Render image ``i``, write its JPEG and mask PNGs into ``images_dir`` and return its record."""
     plan = plan_image(seed, i, size)
     image, masks, image_labels = render(plan)
-    stem = image_stem(i, n_images)
-    Image.fromarray(image).save(images_dir / f"{stem}.jpg", quality=95, subsampling=JPEG_SUBSAMPLING)
-    side = str(mask_size(size))
-    row = {"image": f"{stem}.jpg", "split": plan.split, "ih": str(size), "iw": str(size), "sh": side, "sw": side}
-    shares: dict[tuple[int, str], float] = {}
-    for category, layers in masks.items():
-        if category == "part":
-            names = [f"{stem}_part_{k + 1}.png" for k in range(len(layers))]
-        else:
-            names = [f"{stem}_{category}.png" for _ in range(len(layers))]
-        for name, layer in zip(names, layers):
-            write_label_png(images_dir / name, layer)
-        row[category] = ";".join(names)
-        shares.update({(label, category): share for label, share in label_shares(layers).items()})
-    for category, numbers in image_labels.items():
-        row[category] = ";".join(str(number) for number in numbers)
-        shares.update({(number, category): 1.0 for number in numbers})
-    return ImageRecord(row, shares)
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
-    """Write a CSV file with '\\n' line ends."""
-    with path.open("w", newline="") as file:
-        writer = csv.writer(file, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
+    return write_image_files(images_dir, image_stem(i, n_images), plan.split, image, masks, image_labels)
 
 
 def write_tables(root: Path, records: list[ImageRecord],
                  labels: tuple[tuple[str, str], ...] | list[tuple[str, str]] = LABELS) -> None:
-    """Write index.csv, label.csv, category.csv and c_<category>.csv for the records (in image order).
-
-    ``labels[k]`` is the (name, category) of label number k + 1 (default: this generator's ``LABELS``);
-    a category without labels gets no category.csv row and no c_<category>.csv.
-    """
-    write_csv(root / "index.csv", INDEX_COLUMNS, [[r.row[c] for c in INDEX_COLUMNS] for r in records])
-    frequency = np.zeros(len(labels) + 1, np.int64)
-    coverage = np.zeros(len(labels) + 1, np.float64)
-    for record in records:
-        for (number, _), share in record.shares.items():
-            frequency[number] += 1
-            coverage[number] += share
-    label_rows = []
-    code_rows: dict[str, list[list[object]]] = {category: [] for category in CATEGORIES}
-    for k, (name, category) in enumerate(labels):
-        number = k + 1
-        label_rows.append(
-            [number, name, f"{category}({frequency[number]})", frequency[number], f"{coverage[number]:f}", ""]
-        )
-        code = len(code_rows[category]) + 1
-        code_rows[category].append([code, number, name, frequency[number], f"{coverage[number]:f}"])
-    write_csv(root / "label.csv", ["number", "name", "category", "frequency", "coverage", "syns"], label_rows)
-    category_rows = []
-    for category in CATEGORIES:
-        numbers = [row[1] for row in code_rows[category]]
-        if not numbers:
-            continue
-        category_rows.append([category, min(numbers), max(numbers), len(numbers), int(frequency[numbers].sum())])
-        write_csv(root / f"c_{category}.csv", ["code", "number", "name", "frequency", "coverage"], code_rows[category])
-    write_csv(root / "category.csv", ["name", "first", "last", "count", "frequency"], category_rows)
+    """``data_prep.broden_build.write_tables`` with this generator's ``LABELS`` as the default labels."""
+    broden_build.write_tables(root, records, labels)
 
 
 def build_params(n_images: int, size: int, seed: int) -> dict[str, int]:
@@ -505,37 +435,17 @@ def build_params(n_images: int, size: int, seed: int) -> dict[str, int]:
 
 def is_complete(root: Path, n_images: int, size: int, seed: int) -> bool:
     """Whether ``root`` holds a finished build with these parameters."""
-    params_path = Path(root) / PARAMS_FILE
-    if not (Path(root) / "index.csv").is_file() or not params_path.is_file():
-        return False
-    return json.loads(params_path.read_text()) == build_params(n_images, size, seed)
+    return params_match(root, build_params(n_images, size, seed))
 
 
 def generate(root: Path, n_images: int = 3000, size: int = 224, seed: int = 0, workers: int = 2) -> Path:
     """Build the synthetic Broden data set into ``root`` (which must not exist yet) and return ``root``.
 
-    The build goes into ``<root>.partial`` (removed first if left over from a killed build) and is
-    renamed to ``root`` at the end.
+    The build goes into ``<root>.partial`` and is renamed to ``root`` at the end; a leftover
+    ``.partial`` of the same parameters is resumed (``data_prep.broden_build.build``).
     """
     root = Path(root)
     if n_images < 1 or size < 16 or workers < 1:
         raise ValueError(f"need n_images >= 1, size >= 16 and workers >= 1; got {n_images}, {size}, {workers}")
-    if root.exists():
-        params_path = root / PARAMS_FILE
-        built = f"a build with {json.loads(params_path.read_text())}" if params_path.is_file() else "other files"
-        raise FileExistsError(f"{root} already exists and holds {built}; delete it or choose another output directory")
-    partial = root.parent / f"{root.name}.partial"
-    if partial.exists():
-        shutil.rmtree(partial)
-    images_dir = partial / "images"
-    images_dir.mkdir(parents=True)
-    job = functools.partial(build_image, seed=seed, size=size, n_images=n_images, images_dir=images_dir)
-    records = []
-    with multiprocessing.Pool(workers) as pool:
-        jobs = pool.imap(job, range(n_images), chunksize=8)
-        for record in tqdm(jobs, total=n_images, unit="img", desc=f"building {root.name}"):
-            records.append(record)
-    write_tables(partial, records)
-    (partial / PARAMS_FILE).write_text(json.dumps(build_params(n_images, size, seed), indent=2) + "\n")
-    partial.rename(root)
-    return root
+    job = functools.partial(build_image, seed=seed, size=size, n_images=n_images)
+    return build(root, n_images, build_params(n_images, size, seed), job, LABELS, workers)

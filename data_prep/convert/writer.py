@@ -31,7 +31,7 @@ they have a pixel.
 ``run_conversion`` converts the images that have no record yet (a process
 pool of ``workers``), then writes the tables from all records: index.csv in
 key order, label.csv / category.csv / c_<category>.csv as
-``data_prep.synthetic_broden.write_tables`` does (frequency = images with the
+``data_prep.broden_build.write_tables`` does (frequency = images with the
 label, coverage = sum of the per-image shares of mask pixels, 1.0 per image for
 whole-image labels), and skipped.csv (``file,reason``) of bad inputs.
 """
@@ -52,7 +52,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep.synthetic_broden import (
+from data_prep.broden_build import (
     JPEG_SUBSAMPLING,
     ImageRecord,
     label_shares,
