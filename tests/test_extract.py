@@ -141,3 +141,21 @@ def test_killed_run_resumes_to_identical_arrays(tiny_checkpoint, tmp_path):
                          ("features.conv4", "maps"), ("classifier.fc1", "activations")):
         np.testing.assert_array_equal(first[layer][array][:], second[layer][array][:])
     assert list(first["image_ids"][:]) == list(second["image_ids"][:])
+
+
+def test_loader_processes_and_decoder_threads_give_identical_arrays(tiny_checkpoint, tmp_path, compose_config):
+    probe = write_image_folder(tmp_path / "probe", n_images=30)  # JPEGs and PNGs
+    (probe / "a" / "img0005.jpg").write_bytes(b"not an image")
+    stores = {}
+    for workers in (0, 2):
+        out = tmp_path / f"run{workers}"
+        run(compose_config(tiny_overrides(probe, out, tiny_checkpoint)[:-2] + [f"extract.num_workers={workers}",
+                                                                              "extract.chunk_mib=0.01"]))
+        stores[workers] = open_activations(out)
+    for layer, array in (("features.conv2", "maps"), ("features.conv2", "maxima"),
+                         ("features.conv4", "maps"), ("classifier.fc1", "activations")):
+        np.testing.assert_array_equal(stores[0][layer][array][:], stores[2][layer][array][:])
+    np.testing.assert_array_equal(stores[0]["valid"][:], stores[2]["valid"][:])
+    assert (~stores[0]["valid"][:]).sum() == 1
+    skipped = [pd.read_csv(RunLayout(tmp_path / f"run{workers}").skipped_images) for workers in (0, 2)]
+    pd.testing.assert_frame_equal(*skipped)

@@ -28,7 +28,8 @@ of consecutive chunks (about four per worker) and each shard is a dask task.
 A worker loads the model once (``dissect.cluster.worker_state``) on its own
 device (``extract.device=auto``: its GPU when it has one, float16 autocast when
 ``extract.amp``), decodes its shard's images (``extract.num_workers`` loader
-processes), and writes each chunk whole straight into the shared store, then
+processes, or with none a decoder thread beside the model, a few batches ahead:
+``dissect.probe.ThreadedBatches``), and writes each chunk whole straight into the shared store, then
 its marker. Batches start at chunk boundaries, so they are the same whoever
 runs them and the arrays are identical to a single-process run. A killed run,
 or a worker lost mid-shard (dask runs the shard again elsewhere), recomputes
@@ -43,9 +44,11 @@ import math
 import multiprocessing
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +75,13 @@ from dissect.errors import DissectError
 from dissect.layers import LayerRecorder, get_layer, layer_kind
 from dissect.layout import RunLayout, chunk_marker_name
 from dissect.models import LoadedModel, load_model
-from dissect.probe import Preprocessing, ProbeImages, ProbeSet, open_probe_set
+from dissect.probe import (
+    Preprocessing,
+    ProbeImages,
+    ProbeSet,
+    ThreadedBatches,
+    open_probe_set,
+)
 from dissect.settings import ExtractSettings, section
 from dissect.stamps import write_stamp
 
@@ -81,6 +90,10 @@ log = logging.getLogger(__name__)
 #: The version of the extract stage's output format (a change makes old run directories foreign).
 FORMAT = 2
 MAX_PENDING_WRITES = 4
+#: Without loader processes: threads that decode and normalise images beside the model, and how many
+#: batches they work ahead of the one being forwarded (see benchmarks/extract.py).
+DECODE_THREADS = 1
+PREFETCH_BATCHES = 2
 #: Seconds between two looks at the chunk markers, which drive the progress bar.
 PROGRESS_POLL_S = 0.25
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
@@ -248,8 +261,10 @@ def run_shards(cfg: DictConfig, job: ShardJob, todo: list[int], n_images: int, p
         futures = [client.submit(extract_shard, job, piece, n_images, pure=False)
                    for piece in shards(todo, worker_count(client))]
         pending = set(todo)
+        settled = _settled(futures)
         with tqdm(total=total, unit="img", desc="extract", dynamic_ncols=True) as bar:
             while True:
+                settled.wait(PROGRESS_POLL_S)  # wakes as soon as the last shard ends, not at the next poll
                 all_done = all(future.done() for future in futures)
                 finished = {chunk for chunk in pending if (markers / chunk_marker_name(chunk)).exists()}
                 bar.update(sum(len(chunk_images(chunk, job.chunk_len, n_images)) for chunk in finished))
@@ -259,13 +274,27 @@ def run_shards(cfg: DictConfig, job: ShardJob, todo: list[int], n_images: int, p
                     failed[0].result()  # raises the worker's error here
                 if all_done:
                     break
-                time.sleep(PROGRESS_POLL_S)
         devices = set(client.gather(futures))
     missing = [chunk for chunk in todo if not (markers / chunk_marker_name(chunk)).exists()]
     if missing:
         raise ExtractError(f"extract: {len(missing)} chunks have no marker after every shard finished "
                            f"(first: {missing[0]}); run again to redo them")
     return devices
+
+
+def _settled(futures: list[Any]) -> threading.Event:
+    """An event set once every dask future is done, or as soon as one of them fails."""
+    settled, lock, left = threading.Event(), threading.Lock(), [len(futures)]
+
+    def done(future: Any) -> None:
+        with lock:
+            left[0] -= 1
+            if not left[0] or future.status == "error":
+                settled.set()
+
+    for future in futures:
+        future.add_done_callback(done)
+    return settled
 
 
 def chunk_images(chunk: int, chunk_len: int, n_images: int) -> range:
@@ -294,22 +323,20 @@ def extract_shard(job: ShardJob, chunks: list[int], n_images: int) -> str:
         return str(state.device)
     batches = [list(span[i:i + job.batch_size]) for chunk in chunks
                for span in [chunk_images(chunk, job.chunk_len, n_images)] for i in range(0, len(span), job.batch_size)]
-    workers = loader_workers(job.num_workers, state.device)
-    loader = DataLoader(ProbeImages(state.image_paths, state.preprocessing), batch_sampler=batches,
-                        num_workers=workers, pin_memory=state.device.type == "cuda",
-                        prefetch_factor=4 if workers else None)
     autocast = torch.autocast("cuda", dtype=torch.float16, enabled=state.device.type == "cuda" and job.amp)
     root = zarr.open_group(job.store, mode="r+")
-    arrays = {f"{spec.name}/{name}": root[spec.name][name] for spec in job.specs for name in spec.arrays()}
+    arrays = {f"{spec.name}/{name}": _chunk_writer(root[spec.name][name]) for spec in job.specs
+              for name in spec.arrays()}
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer")
     pending: list[Future] = []
     buffer = ChunkBuffer()
     try:
         with device_lock(), LayerRecorder(state.module, [s.name for s in job.specs], dtype=torch.float16,
-                                          stop_early=True) as recorder:
+                                          stop_early=True) as recorder, \
+                image_batches(state, batches, loader_workers(job.num_workers, state.device)) as loader:
             for indices, images, errors in loader:
                 with torch.inference_mode(), autocast:
-                    outputs = recorder.run(state.preprocessing.normalise(images.to(state.device, non_blocking=True)))
+                    outputs = recorder.run(images)
                 failed = np.array([bool(e) for e in errors])
                 rows = {f"{spec.name}/{name}": values for spec in job.specs
                         for name, values in _layer_rows(spec, outputs[spec.name], failed).items()}
@@ -326,6 +353,30 @@ def extract_shard(job: ShardJob, chunks: list[int], n_images: int) -> str:
     finally:
         writer.shutdown(wait=True)
     return str(state.device)
+
+
+@contextmanager
+def image_batches(state: WorkerModel, batches: list[list[int]],
+                  workers: int) -> Iterator[Iterable[tuple[Sequence[int], torch.Tensor, list[str]]]]:
+    """The batches' images, normalised on the model's device: ``(indices, images (n, 3, S, S), errors)``.
+
+    ``workers`` > 0: decoded by DataLoader processes and normalised on the
+    device (for a GPU); 0: decoded and normalised by ``DECODE_THREADS`` threads
+    beside the model, ``PREFETCH_BATCHES`` ahead (``ThreadedBatches``), so
+    decoding overlaps the forward pass.
+    """
+    if not workers:
+        with ThreadedBatches(state.image_paths, state.preprocessing, batches, depth=PREFETCH_BATCHES,
+                             threads=DECODE_THREADS) as threaded:
+            if state.device.type == "cpu":
+                yield threaded
+            else:
+                yield ((indices, images.to(state.device), errors) for indices, images, errors in threaded)
+        return
+    loader = DataLoader(ProbeImages(state.image_paths, state.preprocessing), batch_sampler=batches,
+                        num_workers=workers, pin_memory=state.device.type == "cuda", prefetch_factor=4)
+    yield ((indices, state.preprocessing.normalise(images.to(state.device, non_blocking=True)), errors)
+           for indices, images, errors in loader)
 
 
 @dataclass
@@ -409,11 +460,11 @@ def create_arrays(store_path: Path, probe: ProbeSet, specs: list[LayerSpec], chu
 
 
 def loader_workers(requested: int | str, device: torch.device) -> int:
-    """``auto``: decode in the main process on the CPU, in min(8, cores) workers for a GPU.
+    """``auto``: no loader process on the CPU (decoder threads beside the model), min(8, cores) for a GPU.
 
     On the CPU the model's threads already use every core; a worker process
-    steals a core from them mid-batch and slows the whole forward pass down more
-    than decoding in between batches does (see benchmarks/extract.py).
+    steals a core from them mid-batch and slowed the whole forward pass down
+    more than decoding in this process does (see benchmarks/extract.py).
     """
     workers = (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0) if requested == "auto" else int(requested)
     if workers and multiprocessing.current_process().daemon:
@@ -425,11 +476,25 @@ def loader_workers(requested: int | str, device: torch.device) -> int:
 
 def _layer_rows(spec: LayerSpec, output: torch.Tensor, failed: np.ndarray) -> dict[str, np.ndarray]:
     """A layer's float16 output for one batch -> rows of each of its arrays (zeros for failed images)."""
-    values = output.detach().to("cpu", torch.float16).numpy()
-    values[failed] = 0
+    values = output.detach().to("cpu", torch.float16)
+    if failed.any():
+        values[torch.from_numpy(failed)] = 0
     if spec.kind == "vector":
-        return {"activations": values.reshape(len(values), -1)}
-    return {"maps": values, "maxima": values.max(axis=(2, 3)).astype(np.float32)}
+        return {"activations": values.reshape(len(values), -1).numpy()}
+    # torch's maximum of the float16 maps, exactly numpy's, at a tenth of its cost
+    return {"maps": values.numpy(), "maxima": values.amax(dim=(2, 3)).float().numpy()}
+
+
+def _chunk_writer(array: zarr.Array) -> zarr.Array:
+    """``array``, writing every chunk as it comes.
+
+    By default zarr first compares each chunk with the fill value, to skip
+    storing one that holds nothing else; for float16 maps that comparison costs
+    twice the compression (extract writes each chunk once, whole, so it gains
+    nothing). Reading gives the same values either way.
+    """
+    with_config = getattr(array, "with_config", None)  # newer zarr 3 releases
+    return with_config({"write_empty_chunks": True}) if with_config else array
 
 
 def _bound_pending(pending: list[Future]) -> list[Future]:
