@@ -1,0 +1,207 @@
+"""The decoded concept masks of a Broden-format probe set, kept once per probe set and memory-mapped.
+
+Decoding the mask PNGs is most of the work of reading a probe set's concepts, and
+it is the same for every layer, run and model. ``ensure_mask_cache`` decodes
+them once into ``<cache root>/<probe-set folder name>-<digest>/`` (the digest
+covers the resolved probe-set path, the size and modification time of its
+``index.csv`` and ``label.csv``, and ``FORMAT``; a changed probe set gets a new
+folder and the stale one is removed). Rewriting mask PNGs in place without
+touching ``index.csv`` is not noticed: delete the cache folder then. The probe
+set itself may be read-only.
+
+The compact form: each pixel of image i belongs to one *class*, the set of pixel
+labels (label numbers of every mask layer, each once) it carries, numbered per
+image. Whole-image labels (scene, texture) are kept apart and taken out of the
+classes, since they cover every pixel anyway. Files (N images, C classes in all):
+
+- ``pixel_class.npy`` (sum of sh*sw,) uint16 (uint32 for masks over 65,536
+  pixels): the class of each pixel, image after image, row-major; image i's
+  pixels start at ``pixel_offset[i]``;
+- ``class_labels.npy`` (C, S) int32: the labels of each class, 0-padded (S = the
+  most labels any pixel has); image i's classes are rows ``class_offset[i]`` to
+  ``class_offset[i + 1]``, and ``class_pixels.npy`` (C,) int64 their pixel counts;
+- ``whole_labels.npy``: the whole-image labels, image i's from ``whole_offset[i]``;
+- ``offsets.npz``: ``pixel_offset``, ``class_offset``, ``whole_offset`` (N+1,)
+  int64, ``sizes`` (N, 2) the mask size (sh, sw), ``annotated`` (N, n_categories)
+  bool (the image's cell of that category is non-empty);
+- ``meta.json``: the format, probe set, label count and the images whose masks
+  could not be read, with the reason (such an image has no classes).
+
+The cache is built in a hidden folder beside its place and renamed into place
+when whole, so a killed build never leaves a cache that looks complete, and two
+runs building the same cache at once both end with one whole copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dissect.broden import CATEGORIES, BrodenDataset, BrodenFormatError, image_label_layers
+
+log = logging.getLogger(__name__)
+
+#: The version of the cache's layout; a new one builds new caches.
+FORMAT = 1
+
+
+def cache_name(broden: BrodenDataset) -> str:
+    """``<probe-set folder name>-<16 hex digits>`` naming the cache of the probe set as it is now."""
+    root = broden.root.resolve()
+    files = {name: [(root / name).stat().st_size, (root / name).stat().st_mtime_ns]
+             for name in ("index.csv", "label.csv")}
+    digest = hashlib.sha256(json.dumps({"format": FORMAT, "root": str(root), "files": files},
+                                       sort_keys=True).encode()).hexdigest()
+    return f"{root.name}-{digest[:16]}"
+
+
+def ensure_mask_cache(broden: BrodenDataset, cache_root: Path) -> Path:
+    """The folder of ``broden``'s mask cache under ``cache_root``, decoding the masks first if it is missing."""
+    path = cache_root / cache_name(broden)
+    if (path / "meta.json").is_file():
+        return path
+    cache_root.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".building-{path.name}-", dir=cache_root))
+    try:
+        build(broden, building)
+        try:
+            building.rename(path)
+        except OSError:
+            if not (path / "meta.json").is_file():
+                raise
+            log.info("mask cache: %s was built meanwhile by another run; using it", path)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    for stale in cache_root.glob(f"{broden.root.resolve().name}-*"):
+        if stale != path and _cached_root(stale) == str(broden.root.resolve()):
+            log.info("mask cache: removing %s, the cache of an earlier version of %s", stale, broden.root)
+            shutil.rmtree(stale, ignore_errors=True)
+    return path
+
+
+def _cached_root(path: Path) -> str | None:
+    try:
+        return json.loads((path / "meta.json").read_text())["root"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def image_classes(stacked: np.ndarray, whole_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(layers, P) pixel labels, (k,) whole-image labels -> (P,) class of each pixel, (classes, width) int32 labels.
+
+    Pixels with equal labels in every layer share a class. A class's row lists its labels other than 0
+    and the whole-image ones, each once, ascending, 0-padded on the left; ``width`` is the most labels
+    of any class.
+    """
+    key = np.zeros(stacked.shape[1], dtype=np.int64)  # the rank of each pixel's labels among the distinct ones
+    for layer in stacked:
+        key = np.unique(key * (int(layer.max()) + 1) + layer, return_inverse=True)[1].reshape(-1)
+    _, first = np.unique(key, return_index=True)
+    table = stacked.T[first].astype(np.int32)  # (classes, layers)
+    table[np.isin(table, whole_labels)] = 0
+    table.sort(axis=1)
+    table[:, 1:][table[:, 1:] == table[:, :-1]] = 0  # each label once
+    table.sort(axis=1)
+    return key, table[:, table.shape[1] - int((table > 0).sum(axis=1).max(initial=0)):]
+
+
+def build(broden: BrodenDataset, folder: Path) -> None:
+    """Decode every mask of ``broden`` into the files of the cache, in ``folder`` (see the module docstring)."""
+    n_images, n_labels = len(broden), len(broden.labels)
+    sizes = np.array([broden.mask_size(i) for i in range(n_images)], dtype=np.int64).reshape(n_images, 2)
+    pixel_offset = np.r_[0, np.cumsum(sizes[:, 0] * sizes[:, 1])]
+    dtype = np.uint16 if (sizes[:, 0] * sizes[:, 1]).max(initial=0) <= 1 << 16 else np.uint32
+    pixel_class = np.lib.format.open_memmap(folder / "pixel_class.npy", mode="w+", dtype=dtype,
+                                            shape=(int(pixel_offset[-1]),))
+    class_tables: list[np.ndarray] = []
+    class_pixels: list[np.ndarray] = []
+    whole: list[np.ndarray] = []
+    errors: dict[int, str] = {}
+    for i in tqdm(range(n_images), desc="mask cache", unit="img"):
+        try:
+            stacked, whole_labels = image_label_layers(broden, i, n_labels)
+        except BrodenFormatError as error:
+            errors[i] = str(error)
+            class_tables.append(np.zeros((0, 0), dtype=np.int32))
+            class_pixels.append(np.zeros(0, dtype=np.int64))
+            whole.append(np.zeros(0, dtype=np.int64))
+            continue
+        classes_of_pixels, table = image_classes(stacked, whole_labels)
+        pixel_class[pixel_offset[i]:pixel_offset[i + 1]] = classes_of_pixels
+        class_tables.append(table)
+        class_pixels.append(np.bincount(classes_of_pixels, minlength=len(table)))
+        whole.append(whole_labels)
+    pixel_class.flush()
+    del pixel_class
+    width = max((table.shape[1] for table in class_tables), default=0)
+    class_labels = np.zeros((sum(len(table) for table in class_tables), width), dtype=np.int32)
+    class_offset = np.r_[0, np.cumsum([len(table) for table in class_tables])]
+    for i, table in enumerate(class_tables):
+        class_labels[class_offset[i]:class_offset[i + 1], width - table.shape[1]:] = table
+    np.save(folder / "class_labels.npy", class_labels)
+    np.save(folder / "class_pixels.npy", np.concatenate(class_pixels).astype(np.int64))
+    np.save(folder / "whole_labels.npy", np.concatenate(whole).astype(np.int64))
+    annotated = np.array([[broden.has_category(i, c) for c in CATEGORIES] for i in range(n_images)],
+                         dtype=bool).reshape(n_images, len(CATEGORIES))
+    np.savez(folder / "offsets.npz", pixel_offset=pixel_offset, class_offset=class_offset,
+             whole_offset=np.r_[0, np.cumsum([len(w) for w in whole])], sizes=sizes, annotated=annotated)
+    (folder / "meta.json").write_text(json.dumps({
+        "format": FORMAT, "root": str(broden.root.resolve()), "images": n_images, "labels": n_labels,
+        "errors": {str(i): reason for i, reason in errors.items()}}, indent=1))
+
+
+class MaskCache:
+    """A built mask cache, read-only; ``pixel_class`` is memory-mapped, the small arrays are loaded.
+
+    Attributes as the files of the module docstring, plus ``n_labels`` and ``errors`` (image -> reason).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        meta = json.loads((self.path / "meta.json").read_text())
+        if meta["format"] != FORMAT:
+            raise ValueError(f"{self.path} is a mask cache of format {meta['format']}, expected {FORMAT}")
+        self.n_labels: int = meta["labels"]
+        self.errors: dict[int, str] = {int(i): reason for i, reason in meta["errors"].items()}
+        self.pixel_class = np.load(self.path / "pixel_class.npy", mmap_mode="r")
+        self.class_labels = np.load(self.path / "class_labels.npy")
+        self.class_pixels = np.load(self.path / "class_pixels.npy")
+        self.whole_labels = np.load(self.path / "whole_labels.npy")
+        with np.load(self.path / "offsets.npz") as offsets:
+            self.pixel_offset = offsets["pixel_offset"]
+            self.class_offset = offsets["class_offset"]
+            self.whole_offset = offsets["whole_offset"]
+            self.sizes = offsets["sizes"]
+            self.annotated = offsets["annotated"]
+
+    def mask_size(self, i: int) -> tuple[int, int]:
+        """(sh, sw) of image i."""
+        return int(self.sizes[i, 0]), int(self.sizes[i, 1])
+
+    def pixel_classes(self, i: int) -> np.ndarray:
+        """(sh * sw,) global class (row of ``class_labels``) of each pixel of image i."""
+        local = self.pixel_class[self.pixel_offset[i]:self.pixel_offset[i + 1]]
+        return local.astype(np.int64) + self.class_offset[i]
+
+    def image_whole_labels(self, i: int) -> np.ndarray:
+        """(k,) int64 whole-image labels of image i."""
+        return self.whole_labels[self.whole_offset[i]:self.whole_offset[i + 1]]
+
+    def truth(self, images: np.ndarray) -> np.ndarray:
+        """(L+1,) int64 pixels of each label summed over ``images`` (whole-image labels cover every pixel)."""
+        counts = np.zeros(self.n_labels + 1, dtype=np.int64)
+        for i in images.tolist():
+            rows = slice(self.class_offset[i], self.class_offset[i + 1])
+            pixels = np.broadcast_to(self.class_pixels[rows, None], self.class_labels[rows].shape)
+            counts += np.bincount(self.class_labels[rows].ravel(), weights=pixels.ravel(),
+                                  minlength=self.n_labels + 1).astype(np.int64)
+            counts[self.image_whole_labels(i)] += int(self.sizes[i, 0] * self.sizes[i, 1])
+        counts[0] = 0
+        return counts
