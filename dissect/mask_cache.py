@@ -45,6 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dissect.broden import CATEGORIES, BrodenDataset, BrodenFormatError, image_label_layers
+from dissect.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,12 @@ def ensure_mask_cache(broden: BrodenDataset, cache_root: Path) -> Path:
     path = cache_root / cache_name(broden)
     if (path / "meta.json").is_file():
         return path
-    cache_root.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".building-{path.name}-", dir=cache_root))
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f".building-{path.name}-", dir=cache_root))
+    except OSError as error:
+        raise ConfigError(f"the mask cache folder {cache_root} cannot be written ({error}); set tally.mask_cache "
+                          "to a folder this process can write") from error
     try:
         build(broden, building)
         try:

@@ -14,6 +14,7 @@ from data_prep.synthetic_broden import generate
 from dissect import mask_cache
 from dissect.artifacts import read_thresholds
 from dissect.broden import BrodenDataset, BrodenFormatError, image_concepts
+from dissect.errors import ConfigError
 from dissect.layout import RunLayout
 from dissect.mask_cache import MaskCache, cache_name, ensure_mask_cache
 from dissect.stages import tally, thresholds
@@ -163,3 +164,9 @@ def test_the_tally_equals_the_reference_when_mask_sizes_differ(probe, tmp_path, 
     for key, counts in expected.items():
         np.testing.assert_array_equal(block[key], counts, err_msg=key)
     assert expected["intersection/conv"][:, 1:].sum() > 0
+
+
+def test_an_unwritable_cache_folder_is_a_config_error_naming_the_key(probe, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="tally.mask_cache"):
+        ensure_mask_cache(BrodenDataset(probe), tmp_path / "file" / "cache")
