@@ -39,9 +39,11 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from distributed import Client, as_completed
 from tqdm import tqdm
 
 from dissect.broden import CATEGORIES, BrodenDataset, BrodenFormatError, image_label_layers
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 
 #: The version of the cache's layout; a new one builds new caches.
 FORMAT = 1
+#: Images per decoding task of a build.
+BUILD_BLOCK_IMAGES = 256
 
 
 def cache_name(broden: BrodenDataset) -> str:
@@ -63,8 +67,9 @@ def cache_name(broden: BrodenDataset) -> str:
     return f"{root.name}-{digest[:16]}"
 
 
-def ensure_mask_cache(broden: BrodenDataset, cache_root: Path) -> Path:
-    """The folder of ``broden``'s mask cache under ``cache_root``, decoding the masks first if it is missing."""
+def ensure_mask_cache(broden: BrodenDataset, cache_root: Path, client: Client | None = None) -> Path:
+    """The folder of ``broden``'s mask cache under ``cache_root``, decoding the masks first if it is missing
+    (on the workers of a dask ``client``, if given)."""
     path = cache_root / cache_name(broden)
     if (path / "meta.json").is_file():
         return path
@@ -75,7 +80,7 @@ def ensure_mask_cache(broden: BrodenDataset, cache_root: Path) -> Path:
         raise ConfigError(f"the mask cache folder {cache_root} cannot be written ({error}); set tally.mask_cache "
                           "to a folder this process can write") from error
     try:
-        build(broden, building)
+        build(broden, building, client)
         try:
             building.rename(path)
         except OSError:
@@ -117,32 +122,46 @@ def image_classes(stacked: np.ndarray, whole_labels: np.ndarray) -> tuple[np.nda
     return key, table[:, table.shape[1] - int((table > 0).sum(axis=1).max(initial=0)):]
 
 
-def build(broden: BrodenDataset, folder: Path) -> None:
-    """Decode every mask of ``broden`` into the files of the cache, in ``folder`` (see the module docstring)."""
+def decode_images(broden: BrodenDataset, first: int, stop: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray] | str]:
+    """For images first..stop (a task of the build): (pixel classes (P,), class labels (classes, width),
+    whole-image labels (k,)) as ``image_classes`` gives them, or the reason why the image's masks cannot be read."""
+    decoded: list[tuple[np.ndarray, np.ndarray, np.ndarray] | str] = []
+    for i in range(first, stop):
+        try:
+            stacked, whole_labels = image_label_layers(broden, i, len(broden.labels))
+        except BrodenFormatError as error:
+            decoded.append(str(error))
+            continue
+        pixel_class, table = image_classes(stacked, whole_labels)
+        decoded.append((pixel_class, table, whole_labels))
+    return decoded
+
+
+def build(broden: BrodenDataset, folder: Path, client: Client | None = None) -> None:
+    """Decode every mask of ``broden`` into the files of the cache, in ``folder`` (see the module docstring).
+
+    With a dask ``client``, tasks of ``BUILD_BLOCK_IMAGES`` images decode on its workers; this process
+    alone writes the files.
+    """
     n_images, n_labels = len(broden), len(broden.labels)
     sizes = np.array([broden.mask_size(i) for i in range(n_images)], dtype=np.int64).reshape(n_images, 2)
     pixel_offset = np.r_[0, np.cumsum(sizes[:, 0] * sizes[:, 1])]
     dtype = np.uint16 if (sizes[:, 0] * sizes[:, 1]).max(initial=0) <= 1 << 16 else np.uint32
     pixel_class = np.lib.format.open_memmap(folder / "pixel_class.npy", mode="w+", dtype=dtype,
                                             shape=(int(pixel_offset[-1]),))
-    class_tables: list[np.ndarray] = []
-    class_pixels: list[np.ndarray] = []
-    whole: list[np.ndarray] = []
+    class_tables: list[np.ndarray] = [np.zeros((0, 0), dtype=np.int32)] * n_images
+    class_pixels: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * n_images
+    whole: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * n_images
     errors: dict[int, str] = {}
-    for i in tqdm(range(n_images), desc="mask cache", unit="img"):
-        try:
-            stacked, whole_labels = image_label_layers(broden, i, n_labels)
-        except BrodenFormatError as error:
-            errors[i] = str(error)
-            class_tables.append(np.zeros((0, 0), dtype=np.int32))
-            class_pixels.append(np.zeros(0, dtype=np.int64))
-            whole.append(np.zeros(0, dtype=np.int64))
-            continue
-        classes_of_pixels, table = image_classes(stacked, whole_labels)
-        pixel_class[pixel_offset[i]:pixel_offset[i + 1]] = classes_of_pixels
-        class_tables.append(table)
-        class_pixels.append(np.bincount(classes_of_pixels, minlength=len(table)))
-        whole.append(whole_labels)
+    with tqdm(total=n_images, desc="mask cache", unit="img") as bar:
+        for first, decoded in _decoded_blocks(broden, client):
+            for i, image in enumerate(decoded, start=first):
+                if isinstance(image, str):
+                    errors[i] = image
+                    continue
+                pixel_class[pixel_offset[i]:pixel_offset[i + 1]], class_tables[i], whole[i] = image
+                class_pixels[i] = np.bincount(image[0], minlength=len(image[1]))
+            bar.update(len(decoded))
     pixel_class.flush()
     del pixel_class
     width = max((table.shape[1] for table in class_tables), default=0)
@@ -151,8 +170,8 @@ def build(broden: BrodenDataset, folder: Path) -> None:
     for i, table in enumerate(class_tables):
         class_labels[class_offset[i]:class_offset[i + 1], width - table.shape[1]:] = table
     np.save(folder / "class_labels.npy", class_labels)
-    np.save(folder / "class_pixels.npy", np.concatenate(class_pixels).astype(np.int64))
-    np.save(folder / "whole_labels.npy", np.concatenate(whole).astype(np.int64))
+    np.save(folder / "class_pixels.npy", np.concatenate([np.zeros(0, np.int64), *class_pixels]).astype(np.int64))
+    np.save(folder / "whole_labels.npy", np.concatenate([np.zeros(0, np.int64), *whole]).astype(np.int64))
     annotated = np.array([[broden.has_category(i, c) for c in CATEGORIES] for i in range(n_images)],
                          dtype=bool).reshape(n_images, len(CATEGORIES))
     np.savez(folder / "offsets.npz", pixel_offset=pixel_offset, class_offset=class_offset,
@@ -160,6 +179,21 @@ def build(broden: BrodenDataset, folder: Path) -> None:
     (folder / "meta.json").write_text(json.dumps({
         "format": FORMAT, "root": str(broden.root.resolve()), "images": n_images, "labels": n_labels,
         "errors": {str(i): reason for i, reason in errors.items()}}, indent=1))
+
+
+def _decoded_blocks(broden: BrodenDataset, client: Client | None) -> Iterator[tuple[int, list]]:
+    """(first image, ``decode_images`` of its block) for every block, here or on the client's workers."""
+    starts = range(0, len(broden), BUILD_BLOCK_IMAGES)
+    if client is None:
+        for first in starts:
+            yield first, decode_images(broden, first, min(first + BUILD_BLOCK_IMAGES, len(broden)))
+        return
+    shared = client.scatter(broden, broadcast=True)
+    first_of = {client.submit(decode_images, shared, first, min(first + BUILD_BLOCK_IMAGES, len(broden)),
+                              pure=False): first for first in starts}
+    for future in as_completed(list(first_of)):
+        yield first_of[future], future.result()
+        future.release()
 
 
 class MaskCache:

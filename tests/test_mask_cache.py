@@ -170,3 +170,18 @@ def test_an_unwritable_cache_folder_is_a_config_error_naming_the_key(probe, tmp_
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="tally.mask_cache"):
         ensure_mask_cache(BrodenDataset(probe), tmp_path / "file" / "cache")
+
+
+def test_a_build_on_two_worker_processes_writes_the_same_files(probe, tmp_path, two_workers, monkeypatch):
+    from distributed import Client
+
+    broden = BrodenDataset(probe)
+    monkeypatch.setattr(mask_cache, "BUILD_BLOCK_IMAGES", 5)  # several tasks, finishing in any order
+    here = ensure_mask_cache(broden, tmp_path / "here")
+    with Client(two_workers) as client:
+        there = ensure_mask_cache(broden, tmp_path / "there", client)
+    for name in ("pixel_class.npy", "class_labels.npy", "class_pixels.npy", "whole_labels.npy", "meta.json"):
+        assert (here / name).read_bytes() == (there / name).read_bytes(), name
+    with np.load(here / "offsets.npz") as first, np.load(there / "offsets.npz") as second:
+        for key in first.files:
+            np.testing.assert_array_equal(first[key], second[key], err_msg=key)

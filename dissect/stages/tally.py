@@ -206,8 +206,8 @@ def tally_all(cfg: DictConfig, layout: RunLayout, broden: BrodenDataset, layers:
     todo = [s for s in starts if not _part_path(parts, s).exists()]
     if todo:
         store_path = str(layout.activations)
-        cache_path = str(ensure_mask_cache(broden, Path(str(cfg.tally.mask_cache)).resolve()))
         with dask_client(cfg.cluster) as client:
+            cache_path = str(ensure_mask_cache(broden, Path(str(cfg.tally.mask_cache)).resolve(), client))
             thresholds_future = client.scatter(thresholds, broadcast=True)
             block_of = {client.submit(tally_block, store_path, cache_path, layers, thresholds_future, s,
                                       min(s + block_images, n_images), bool(cfg.tally.strict), pure=False): s
