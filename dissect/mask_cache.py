@@ -28,8 +28,10 @@ classes, since they cover every pixel anyway. Files (N images, C classes in all)
   could not be read, with the reason (such an image has no classes).
 
 The cache is built in a hidden folder beside its place and renamed into place
-when whole, so a killed build never leaves a cache that looks complete, and two
-runs building the same cache at once both end with one whole copy.
+when whole, so a killed build never leaves a cache that looks complete (a killed
+build's hidden ``.building-*`` folder may be deleted), and two runs building the
+same cache at once both end with one whole copy. Decoding runs in tasks on the
+run's dask workers when a client is given; only the building process writes.
 """
 
 from __future__ import annotations

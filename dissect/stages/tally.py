@@ -15,13 +15,13 @@ and IoU[u, c] = intersection / (activation[u, primary category of c] + truth -
 intersection). Label 0 (unlabelled) is ignored.
 
 The masks are read from the probe set's mask cache (``dissect.mask_cache``,
-under ``tally.mask_cache``), which the stage builds before the first block if
-it is missing: each pixel's class (its set of labels) and each image's
-whole-image labels. Only fired pixels are touched (``fired_pixels``: the values
-of up(A_u) in the low-resolution cells one of whose corners can exceed T_u);
-each adds 1 to (unit, label) for the labels of its class, in one ``bincount``
-per piece, and a whole-image label's intersection is the unit's fired count.
-The counts are integers, exact.
+under ``tally.mask_cache``; the stage builds it on its dask cluster before the
+first block if it is missing): each pixel's class (its set of labels) and each
+image's whole-image labels. Only fired pixels are touched (``fired_pixels``: the
+values of up(A_u) in the low-resolution cells one of whose corners can exceed
+T_u); each adds 1 to (unit, label) for the labels of its class, in one
+``bincount`` per piece, and a whole-image label's intersection is the unit's
+fired count. The counts are integers, exact.
 
 Work runs on dask.distributed over blocks of images; the workers memory-map
 the cache read-only. The partial tally of each finished block is kept in
