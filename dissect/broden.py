@@ -293,8 +293,9 @@ class ImageConcepts:
     annotated: np.ndarray
 
 
-def image_concepts(broden: BrodenDataset, i: int, n_labels: int) -> ImageConcepts:
-    """Decode image i's masks into one boolean mask per label present (label 0 ignored).
+def image_label_layers(broden: BrodenDataset, i: int, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image i's pixel labels, (layers, sh*sw) int32 (every mask layer of every pixel category, 0 = none),
+    and its whole-image labels (scene, texture), (k,) int64 sorted and distinct.
 
     Raises BrodenFormatError naming the file and row for an unreadable mask or a
     label number outside label.csv.
@@ -302,14 +303,23 @@ def image_concepts(broden: BrodenDataset, i: int, n_labels: int) -> ImageConcept
     sh, sw = broden.mask_size(i)
     layers = [broden.pixel_labels(i, category) for category in PIXEL_CATEGORIES]
     stacked = np.concatenate([layer.reshape(len(layer), sh * sw) for layer in layers])
-    pixel_labels = np.unique(stacked)
-    pixel_labels = pixel_labels[pixel_labels > 0]
     whole_labels = np.array(sorted({n for c in IMAGE_CATEGORIES for n in broden.image_labels(i, c)}), dtype=np.int64)
-    labels = np.union1d(pixel_labels, whole_labels).astype(np.int64)
-    if labels.size and (labels.max() > n_labels or labels.min() < 0):
-        bad = labels[(labels > n_labels) | (labels < 0)].tolist()
+    bad = np.union1d(stacked[(stacked > n_labels) | (stacked < 0)],
+                     whole_labels[(whole_labels > n_labels) | (whole_labels < 0)])
+    if bad.size:
         raise BrodenFormatError(f"{broden.root / 'index.csv'} image {i} ({broden.image_ids[i]}): label number(s) "
-                                f"{bad} are not in label.csv (allowed 1..{n_labels})")
+                                f"{bad.tolist()} are not in label.csv (allowed 1..{n_labels})")
+    return stacked, whole_labels
+
+
+def image_concepts(broden: BrodenDataset, i: int, n_labels: int) -> ImageConcepts:
+    """Decode image i's masks into one boolean mask per label present (label 0 ignored).
+
+    Raises BrodenFormatError as ``image_label_layers``.
+    """
+    stacked, whole_labels = image_label_layers(broden, i, n_labels)
+    pixel_labels = np.unique(stacked)
+    labels = np.union1d(pixel_labels[pixel_labels > 0], whole_labels).astype(np.int64)
     masks = (stacked[:, None, :] == labels[None, :, None]).any(axis=0)
     masks[np.isin(labels, whole_labels)] = True
     annotated = np.array([broden.has_category(i, c) for c in CATEGORIES])

@@ -70,11 +70,13 @@ class TallySettings:
     iou_threshold: float = MISSING
     block_images: int = MISSING
     strict: bool = MISSING
+    mask_cache: str = MISSING
 
     def __post_init__(self) -> None:
         require("tally", [("iou_threshold", self.iou_threshold, 0 <= self.iou_threshold < 1,
                            "in [0, 1) (0.04 is standard)"),
-                          ("block_images", self.block_images, self.block_images >= 1, "an integer >= 1")])
+                          ("block_images", self.block_images, self.block_images >= 1, "an integer >= 1"),
+                          ("mask_cache", self.mask_cache, bool(self.mask_cache.strip()), "a folder path")])
 
 
 @dataclass

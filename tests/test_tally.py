@@ -190,21 +190,41 @@ def test_a_missing_mask_is_skipped_and_listed_or_stops_a_strict_run(small_run, t
     assert (summary["images_tallied"], summary["images_skipped"]) == (47, 1)
 
 
-@pytest.mark.parametrize(("size_in", "size_out"), [((13, 13), (113, 113)), ((7, 5), (112, 56)), ((4, 4), (4, 4))])
+UPSAMPLE_SHAPES = [((13, 13), (113, 113)), ((14, 14), (112, 112)), ((7, 5), (112, 56)), ((4, 4), (4, 4)),
+                   ((20, 20), (7, 9)), ((1, 1), (8, 8))]
+
+
+@pytest.mark.parametrize(("size_in", "size_out"), UPSAMPLE_SHAPES)
 def test_upsampling_matches_torch_bilinear(size_in, size_out):
     import torch
 
-    from dissect.upsample import bilinear_matrix, fired_masks
+    from dissect.upsample import upsample
 
     maps = np.random.default_rng(0).normal(size=(3, *size_in)).astype(np.float32)
     expected = torch.nn.functional.interpolate(torch.from_numpy(maps)[None], size=size_out, mode="bilinear",
                                                align_corners=False)[0].numpy()
-    ours = bilinear_matrix(size_in[0], size_out[0]) @ maps @ bilinear_matrix(size_in[1], size_out[1]).T
-    np.testing.assert_allclose(ours, expected, atol=1e-5)
-    thresholds = np.quantile(expected.reshape(3, -1), 0.9, axis=1).astype(np.float32)
-    fired = fired_masks(maps, thresholds, size_out)
-    disagreeing = fired != (expected > thresholds[:, None, None]).reshape(3, -1)
-    assert disagreeing.mean() < 1e-3  # only pixels within float rounding of the threshold may differ
+    np.testing.assert_allclose(upsample(maps, size_out), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("size_in", "size_out"), UPSAMPLE_SHAPES)
+def test_fired_pixels_are_exactly_the_dense_upsampling_above_the_threshold(size_in, size_out):
+    from dissect.upsample import fired_masks, fired_pixels, upsample
+
+    rng = np.random.default_rng(1)
+    maps = rng.normal(size=(40, *size_in)).astype(np.float16).astype(np.float32)  # float16 values, as stored
+    maps[:5] = np.round(maps[:5])  # plateaus: many values equal to the threshold
+    dense = upsample(maps, size_out).reshape(len(maps), -1)
+    thresholds = np.quantile(dense, 0.97, axis=1).astype(np.float32)
+    thresholds[1::2] = np.quantile(dense, 0.9)  # some maps fire in many places, some nowhere
+    thresholds[::4] = dense[::4].max(axis=1)  # ties at the maximum: nothing fires
+    thresholds[:5] = 1.0
+    expected = dense > thresholds[:, None]
+    assert 0 < expected.sum() < expected.size
+    np.testing.assert_array_equal(fired_masks(maps, thresholds, size_out), expected)
+    pieces = list(fired_pixels(maps, thresholds, size_out, max_cells=7))
+    index = np.concatenate([i for i, _ in pieces])
+    pixel = np.concatenate([p for _, p in pieces])
+    assert len(np.unique(index * expected.shape[1] + pixel)) == len(index) == expected.sum()  # each pixel once
 
 
 def test_float32_threshold_comparison_is_exact():

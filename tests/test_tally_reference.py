@@ -1,5 +1,7 @@
 """The tally stage against the per-image, per-unit reference of tests/reference_tally.py: equal, exactly."""
 
+from pathlib import Path
+
 import numpy as np
 
 from data_prep.synthetic_broden import generate
@@ -7,6 +9,7 @@ from dissect.stages import tally
 from dissect.artifacts import read_thresholds
 from dissect.broden import CATEGORIES, BrodenDataset
 from dissect.layout import RunLayout
+from dissect.mask_cache import ensure_mask_cache
 from dissect.pipeline import run_pipeline
 from reference_tally import reference_counts, reference_iou
 
@@ -24,7 +27,8 @@ def test_the_stage_counts_and_iou_equal_the_reference(tmp_path, tiny_checkpoint,
     run_pipeline(cfg)
     thresholds = {layer: read_thresholds(layout, layer) for layer in LAYERS}
     expected = reference_counts(layout.activations, probe, LAYERS, thresholds)
-    block = tally.tally_block(str(layout.activations), str(probe), LAYERS, thresholds, 0, 40, False)
+    cache = ensure_mask_cache(BrodenDataset(probe), Path(cfg.tally.mask_cache))  # the one the stage built
+    block = tally.tally_block(str(layout.activations), str(cache), LAYERS, thresholds, 0, 40, False)
     for key, counts in expected.items():
         np.testing.assert_array_equal(block[key], counts, err_msg=key)
     assert all(expected[f"intersection/{layer}"].sum() > 0 for layer in LAYERS), "some unit fires on some concept"

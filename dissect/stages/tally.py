@@ -12,8 +12,19 @@ probe set it accumulates
 - ``truth[c] += |L_c|``,
 
 and IoU[u, c] = intersection / (activation[u, primary category of c] + truth -
-intersection). Label 0 (unlabelled) is ignored. Work runs on dask.distributed
-over blocks of images; the partial tally of each finished block is kept in
+intersection). Label 0 (unlabelled) is ignored.
+
+The masks are read from the probe set's mask cache (``dissect.mask_cache``,
+under ``tally.mask_cache``; the stage builds it on its dask cluster before the
+first block if it is missing): each pixel's class (its set of labels) and each
+image's whole-image labels. Only fired pixels are touched (``fired_pixels``: the
+values of up(A_u) in the low-resolution cells one of whose corners can exceed
+T_u); each adds 1 to (unit, label) for the labels of its class, in one
+``bincount`` per piece, and a whole-image label's intersection is the unit's
+fired count. The counts are integers, exact.
+
+Work runs on dask.distributed over blocks of images; the workers memory-map
+the cache read-only. The partial tally of each finished block is kept in
 ``tally/parts/``, so a killed tally resumes, and a change of
 ``tally.iou_threshold`` alone rewrites the results from the kept blocks.
 
@@ -39,61 +50,87 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from dissect.artifacts import concept_probe_set, map_layers, open_activations, read_json, read_thresholds, write_json_atomic
-from dissect.broden import CATEGORIES, BrodenDataset, BrodenFormatError, image_concepts
+from dissect.broden import CATEGORIES, BrodenDataset, BrodenFormatError
 from dissect.cluster import dask_client
 from dissect.layout import RunLayout
+from dissect.mask_cache import MaskCache, cache_name, ensure_mask_cache
 from dissect.settings import TallySettings, section
 from dissect.stamps import is_current, stamp_digest, start, write_stamp
-from dissect.upsample import fired_masks, float32_below
+from dissect.upsample import can_exceed, fired_pixels, float32_below
 
 log = logging.getLogger(__name__)
 
 #: The version of this stage's output format.
 FORMAT = 1
+#: Map values (maps x h x w) upsampled together in ``layer_counts``.
+MAP_VALUES_PER_CHUNK = 1 << 22
 
 
-def tally_block(store_path: str, broden_root: str, layers: list[str], thresholds: dict[str, np.ndarray],
+def tally_block(store_path: str, cache_path: str, layers: list[str], thresholds: dict[str, np.ndarray],
                 start: int, stop: int, strict: bool) -> dict[str, Any]:
-    """Partial tally of images start..stop (runs on a dask worker).
+    """Partial tally of images start..stop (runs on a dask worker) from the probe set's mask cache.
 
     Returns ``truth`` (L+1,), for each layer ``intersection/<layer>`` (U, L+1)
     and ``activation/<layer>`` (U, n_categories), all int64, and ``skipped``: a
     list of (image index, reason) for images whose masks could not be used.
     """
-    broden = BrodenDataset(broden_root)
-    n_labels = len(broden.labels)
+    cache = MaskCache(cache_path)
     store = zarr.open_group(store_path, mode="r")
     valid = store["valid"][start:stop]
-    maps = {layer: store[layer]["maps"][start:stop] for layer in layers}
-    maxima = {layer: store[layer]["maxima"][start:stop] for layer in layers}
-    result: dict[str, Any] = {"truth": np.zeros(n_labels + 1, dtype=np.int64), "skipped": []}
-    below = {layer: float32_below(thresholds[layer]) for layer in layers}
+    result: dict[str, Any] = {"skipped": []}
+    kept = []
+    for i in np.flatnonzero(valid).tolist():
+        reason = cache.errors.get(start + i)
+        if reason is None:
+            kept.append(i)
+        elif strict:
+            raise BrodenFormatError(reason)
+        else:
+            result["skipped"].append((start + i, reason))
+    images = start + np.array(kept, dtype=np.int64)
+    result["truth"] = cache.truth(images)
     for layer in layers:
-        n_units = maps[layer].shape[1]
-        result[f"intersection/{layer}"] = np.zeros((n_units, n_labels + 1), dtype=np.int64)
-        result[f"activation/{layer}"] = np.zeros((n_units, len(CATEGORIES)), dtype=np.int64)
-    for j, i in enumerate(range(start, stop)):
-        if not valid[j]:
-            continue
-        try:
-            concepts = image_concepts(broden, i, n_labels)
-        except BrodenFormatError as error:
-            if strict:
-                raise
-            result["skipped"].append((i, str(error)))
-            continue
-        result["truth"][concepts.labels] += concepts.masks.sum(axis=1)
-        annotated = np.flatnonzero(concepts.annotated)
-        concept_pixels = concepts.masks.T.astype(np.float32)
-        for layer in layers:
-            active = np.flatnonzero(maxima[layer][j] > thresholds[layer])
-            if active.size == 0:
-                continue
-            fired = fired_masks(maps[layer][j, active], below[layer][active], broden.mask_size(i))
-            result[f"activation/{layer}"][np.ix_(active, annotated)] += fired.sum(axis=1)[:, None]
-            overlap = fired.astype(np.float32) @ concept_pixels  # exact in float32: counts stay far below 2**24
-            result[f"intersection/{layer}"][np.ix_(active, concepts.labels)] += overlap.astype(np.int64)
+        maps = store[layer]["maps"][start:stop][kept]
+        maxima = store[layer]["maxima"][start:stop][kept]
+        result[f"intersection/{layer}"], result[f"activation/{layer}"] = layer_counts(
+            cache, images, maps, maxima, float32_below(thresholds[layer]))
     return result
+
+
+def layer_counts(cache: MaskCache, images: np.ndarray, maps: np.ndarray, maxima: np.ndarray,
+                 thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n,) images, their (n, U, h, w) maps and (n, U) map maxima, (U,) float32 thresholds (``float32_below``)
+    -> intersection (U, L+1) and activation (U, n_categories), int64.
+
+    Only the maps whose maximum can exceed the threshold are upsampled, and only at their fired pixels
+    (``fired_pixels``); each fired pixel adds 1 to its unit's count of every label of its pixel class, and
+    whole-image labels and the activation take the unit's fired count in the image.
+    """
+    n_images, n_units, h, w = maps.shape
+    columns = cache.n_labels + 1
+    intersection = np.zeros(n_units * columns, dtype=np.int64)
+    fired_count = np.zeros(n_images * n_units, dtype=np.int64)
+    chunk = max(1, MAP_VALUES_PER_CHUNK // (h * w))
+    for size in {cache.mask_size(i) for i in images.tolist()}:
+        of_size = (cache.sizes[images] == size).all(axis=1)[:, None]
+        active = np.flatnonzero(can_exceed(maxima, thresholds[None, :]) & of_size)  # image * U + unit
+        for first in range(0, len(active), chunk):
+            pairs = active[first:first + chunk]
+            image, unit = np.divmod(pairs, n_units)
+            pixel_start = cache.pixel_offset[images[image]]
+            class_start = cache.class_offset[images[image]]
+            for index, pixel in fired_pixels(maps.reshape(-1, h, w)[pairs], thresholds[unit], size):
+                fired_count += np.bincount(pairs[index], minlength=fired_count.size)
+                classes = cache.pixel_class[pixel_start[index] + pixel].astype(np.int64) + class_start[index]
+                keys = unit[index, None] * columns + cache.class_labels[classes]  # (k, S); label 0 pads
+                intersection += np.bincount(keys.ravel(), minlength=intersection.size)
+    intersection = intersection.reshape(n_units, columns)
+    intersection[:, 0] = 0
+    fired_count = fired_count.reshape(n_images, n_units)
+    whole = [cache.image_whole_labels(i) for i in images.tolist()]
+    owner = np.repeat(np.arange(n_images), [len(labels) for labels in whole])
+    np.add.at(intersection.T, np.concatenate([np.zeros(0, np.int64), *whole]), fired_count[owner])
+    return intersection, fired_count.T @ cache.annotated[images].astype(np.int64)
 
 
 def iou_matrix(intersection: np.ndarray, activation: np.ndarray, truth: np.ndarray,
@@ -158,9 +195,10 @@ def tally_all(cfg: DictConfig, layout: RunLayout, broden: BrodenDataset, layers:
     parts = layout.tally_parts
     fingerprint = {"layers": layers, "block_images": block_images, "strict": bool(cfg.tally.strict),
                    "thresholds": {layer: thresholds[layer].tolist() for layer in layers},
-                   "labels": len(broden.labels)}
+                   "labels": len(broden.labels), "masks": cache_name(broden)}
     if (parts / "meta.json").exists() and read_json(parts / "meta.json") != fingerprint:
-        log.info("tally: thresholds, layers or settings changed since the kept block tallies; starting over")
+        log.info("tally: thresholds, layers, settings or the probe set changed since the kept block tallies; "
+                 "starting over")
         shutil.rmtree(parts)
     parts.mkdir(parents=True, exist_ok=True)
     write_json_atomic(parts / "meta.json", fingerprint)
@@ -169,8 +207,9 @@ def tally_all(cfg: DictConfig, layout: RunLayout, broden: BrodenDataset, layers:
     if todo:
         store_path = str(layout.activations)
         with dask_client(cfg.cluster) as client:
+            cache_path = str(ensure_mask_cache(broden, Path(str(cfg.tally.mask_cache)).resolve(), client))
             thresholds_future = client.scatter(thresholds, broadcast=True)
-            block_of = {client.submit(tally_block, store_path, str(broden.root), layers, thresholds_future, s,
+            block_of = {client.submit(tally_block, store_path, cache_path, layers, thresholds_future, s,
                                       min(s + block_images, n_images), bool(cfg.tally.strict), pure=False): s
                         for s in todo}
             remaining = sum(min(s + block_images, n_images) - s for s in todo)
