@@ -100,6 +100,9 @@ OR, AND, AND_NOT = range(3)
 PACK_BLOCK_IMAGES = 256
 #: Formulas whose totals a worker process keeps (each two small vectors: (K,) and (C,) float64).
 CACHE_FORMULAS = 8192
+#: The largest concept-mask file whose memory map a worker process keeps open (its pages count as resident once
+#: read); a larger one is mapped afresh for each formula, so that the process does not hold all of it.
+WORDS_KEPT_MIB = 512
 #: (image, concept) pairs per step when counting a formula AND every concept (bounds the (pairs, W) temporaries).
 COUNT_BLOCK_PAIRS = 8192
 
@@ -196,12 +199,19 @@ class ConceptMasks:
         self.pair_categories = self.categories[self.concepts]
         self.by_concept = np.argsort(self.concepts, kind="stable")  # pairs of each concept, images ascending
         self.concept_offsets = np.searchsorted(self.concepts[self.by_concept], np.arange(self.n_concepts + 1))
+        self._words: np.ndarray | None = None
         self._rows: dict[frozenset[int], np.ndarray] = {}
         self._concept_sizes: dict[frozenset[int], np.ndarray] = {}
 
     def words(self) -> np.ndarray:
-        """(P, W) uint64, a fresh read-only map: the pages a caller reads leave the process with its map."""
-        return np.load(self.files.words, mmap_mode="r")
+        """(P, W) uint64, read-only, memory-mapped: one map kept while the file is at most WORDS_KEPT_MIB, else a
+        fresh map per call (the pages a caller reads then leave the process's resident memory with its map)."""
+        if self._words is not None:
+            return self._words
+        words = np.load(self.files.words, mmap_mode="r")
+        if words.nbytes <= WORDS_KEPT_MIB * 2**20:
+            self._words = words
+        return words
 
     def rows(self, categories: frozenset[int]) -> np.ndarray:
         """(K, n) bool: row k marks the searched images annotating every category in ``categories`` and k."""
@@ -361,7 +371,8 @@ def image_groups(pixels: np.ndarray, owners: np.ndarray, words: np.ndarray, conc
     starts = np.flatnonzero(np.concatenate([[True], change]))
     sizes = np.diff(np.append(starts, len(order)))
     first = order[starts]
-    pair, group = np.nonzero(member[:, first])
+    covered = np.flatnonzero(member[:, first])  # (pair, group) of each covered group, pair-major
+    pair, group = covered // len(first), covered % len(first)
     return owners[first], sizes, group, concepts[pair]
 
 
@@ -379,22 +390,24 @@ def fired_groups(store_path: str, layer: str, units: list[int], thresholds: np.n
     images = masks.sample[rows.start:rows.stop]
     found: list[tuple] = []
     n_groups = 0
-    step = maps.chunks[0]
+    step, columns = maps.chunks[0], np.asarray(units)
     for chunk in np.unique(images // step):
         at = np.flatnonzero(images // step == chunk)
-        block = maps.oindex[images[at].tolist(), units]
-        tops = maxima.oindex[images[at].tolist(), units]
-        for j, local in enumerate(at):
+        first = int(chunk) * step
+        block, tops = maps[first:first + step], maxima[first:first + step]  # whole chunks: faster than oindex
+        for local in at:
             i, r = int(images[local]), rows.start + int(local)
-            active = np.flatnonzero(tops[j] > unit_thresholds)
+            active = np.flatnonzero(tops[i - first, columns] > unit_thresholds)
             if active.size == 0:
                 continue
-            owner, pixels = np.nonzero(fired_masks(block[j, active], below[active],
-                                                          (int(mask_sizes[i, 0]), int(mask_sizes[i, 1]))))
-            if pixels.size == 0:
+            size = (int(mask_sizes[i, 0]), int(mask_sizes[i, 1]))
+            fired = np.flatnonzero(fired_masks(block[i - first, columns[active]], below[active], size))
+            if fired.size == 0:
                 continue
+            owner = fired // (size[0] * size[1])
+            pixels = fired - owner * (size[0] * size[1])
             lo, hi = masks.offsets[r], masks.offsets[r + 1]
-            owners, sizes, groups, concepts = image_groups(pixels.astype(np.int64), active[owner], words[lo:hi],
+            owners, sizes, groups, concepts = image_groups(pixels, active[owner], words[lo:hi],
                                                            masks.concepts[lo:hi])
             found.append((owners, sizes, np.full(len(sizes), r), groups + n_groups, concepts))
             n_groups += len(sizes)
