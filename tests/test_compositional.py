@@ -152,6 +152,9 @@ def test_a_sampled_search_counts_exactly_over_its_recorded_sample(run, tmp_path)
                              images=set(sample.tolist()))
         assert row.iou == pytest.approx(expected, abs=1e-6), (row.unit, row.formula)
     assert not table.equals(pd.read_csv(RunLayout(Path(run.out_dir)).compositional_csv(layer)))
+    from reports.compositional_section import layer_fragment
+
+    assert f"seeded sample of 25 of the {int(valid.sum())} valid images" in layer_fragment(layout, layer)
 
 
 def test_a_formula_text_and_machine_form():
