@@ -17,7 +17,9 @@ module spells a run-directory file name. Per-layer outputs live under
         compositional.csv, compositional.json   compositional: formulas of concepts per unit
       tally/parts/                     tally: finished blocks, the unit of resume
       tally/skipped_masks.csv          tally: images whose masks could not be read
-      compositional/                   compositional: concept_bits.npy, annotated.npy (bit-packed masks)
+      compositional/                   compositional: the sparse bit-packed concept masks of the searched
+                                       images: sample.npy, annotated.npy, pair_offsets.npy,
+                                       pair_concepts.npy, pair_pixels.npy, pair_words.npy (parts/ while packing)
       audit/                           audit: units.csv, layers.csv, weights.csv, audit.json, pictures
       embed/                           embed: coords.parquet, neighbours.csv, embed.json, pictures
       attribute/                       attribute: pairs.csv, maps.zarr, strips/, agreement.csv,
@@ -142,14 +144,39 @@ class RunLayout:
     # ----------------------------------------------------------- compositional
 
     @property
-    def concept_bits(self) -> Path:
-        """(C, N, W) uint64: bit p of word w of concept c, image i = pixel 64 w + p of c's mask (npy, memory-mapped)."""
-        return self.root / "compositional" / "concept_bits.npy"
+    def concept_sample(self) -> Path:
+        """(n,) int64: the probe-set index of each searched image, ascending (npy; the rows of the arrays below)."""
+        return self.root / "compositional" / "sample.npy"
 
     @property
     def image_annotations(self) -> Path:
-        """(N, n_categories) bool: which categories each probe image annotates (npy)."""
+        """(n, n_categories) bool: which categories each searched image annotates (npy)."""
         return self.root / "compositional" / "annotated.npy"
+
+    @property
+    def pair_offsets(self) -> Path:
+        """(n + 1,) int64: the (image, concept) pairs of searched image r are rows offsets[r]:offsets[r + 1] (npy)."""
+        return self.root / "compositional" / "pair_offsets.npy"
+
+    @property
+    def pair_concepts(self) -> Path:
+        """(P,) int32: the concept column (label number - 1) of each pair, ascending within an image (npy)."""
+        return self.root / "compositional" / "pair_concepts.npy"
+
+    @property
+    def pair_pixels(self) -> Path:
+        """(P,) int64: the pixels the pair's concept covers in its image (npy)."""
+        return self.root / "compositional" / "pair_pixels.npy"
+
+    @property
+    def pair_words(self) -> Path:
+        """(P, W) uint64: the pair's mask, bit p of word w = pixel 64 w + p, row-major (npy, memory-mapped)."""
+        return self.root / "compositional" / "pair_words.npy"
+
+    @property
+    def pack_parts(self) -> Path:
+        """Blocks of packed pairs written by the workers, joined into the arrays above and removed."""
+        return self.root / "compositional" / "parts"
 
     # ------------------------------------------------------------------- audit
 

@@ -86,6 +86,8 @@ class CompositionalSettings:
     length_penalty: float = MISSING
     runner_ups: int = MISSING
     units_per_task: int = MISSING
+    max_images: int | None = MISSING  # 0 or null: every valid image
+    sample_seed: int = MISSING
 
     def __post_init__(self) -> None:
         require("compositional", [
@@ -93,7 +95,10 @@ class CompositionalSettings:
             ("max_length", self.max_length, 1 <= self.max_length <= 10, "an integer in [1, 10] (3 is standard)"),
             ("length_penalty", self.length_penalty, 0 <= self.length_penalty < 1, "a number in [0, 1)"),
             ("runner_ups", self.runner_ups, self.runner_ups >= 0, "an integer >= 0"),
-            ("units_per_task", self.units_per_task, self.units_per_task >= 1, "an integer >= 1")])
+            ("units_per_task", self.units_per_task, self.units_per_task >= 1, "an integer >= 1"),
+            ("max_images", self.max_images, self.max_images is None or self.max_images >= 0,
+             "an integer >= 0 (0 or null: every image)"),
+            ("sample_seed", self.sample_seed, 0 <= self.sample_seed < 2**32, "an integer in [0, 2**32)")])
 
 
 @dataclass

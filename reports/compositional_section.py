@@ -46,9 +46,12 @@ def layer_fragment(layout: RunLayout, layer: str) -> str:
     settings = summary["settings"]
     lengths = ", ".join(f"{count} of length {length}" for length, count in summary["length_counts"].items())
     link = escape(relative(layout.compositional_csv(layer), layout.report_dir))
+    images = summary.get("images", {})
+    sampled = (f"Searched on a seeded sample of {images['searched']} of the {images['valid']} valid images "
+               f"(compositional.max_images), counted exactly there. " if images.get("sampled") else "")
     return (f"<h3>Formulas of concepts</h3><p>Beam search (beam {settings['beam']}, up to {settings['max_length']} "
             f"concepts joined by OR, AND, AND NOT; Mu and Andreas 2020): a formula beats the single label for "
             f"<b>{summary['formula_beats_single']} of {summary['units']}</b> units, by {summary['mean_gain']:.3f} IoU "
             f"on average (median {summary['median_relative_gain']:.0%} more than the single label's). Mean IoU "
             f"{summary['mean_iou']:.3f} against {summary['mean_single_iou']:.3f}. Best formulas: {lengths}. "
-            f"<a href='{link}'>compositional.csv</a></p>")
+            f"{sampled}<a href='{link}'>compositional.csv</a></p>")

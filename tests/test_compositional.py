@@ -14,7 +14,7 @@ from data_prep.synthetic_broden import generate
 from dissect.artifacts import open_activations, read_thresholds
 from dissect.broden import CATEGORIES, BrodenDataset, image_concepts
 from dissect.layout import RunLayout
-from dissect.settings import CompositionalSettings
+from dissect.settings import CompositionalSettings, section
 from dissect.stages import compositional, extract, tally, thresholds
 from dissect.upsample import fired_masks, float32_below
 
@@ -52,13 +52,14 @@ def raw_masks(cfg, layer: str) -> tuple[list[np.ndarray], list[dict[int, np.ndar
     return fired, concepts, np.array(annotated)
 
 
-def brute_iou(formula: list, unit: int, fired, concepts, annotated, category_of) -> float:
-    """IoU of a machine-form formula ``[n, [op, n], ...]`` by evaluating it pixel by pixel in every image."""
+def brute_iou(formula: list, unit: int, fired, concepts, annotated, category_of, images=None) -> float:
+    """IoU of a machine-form formula ``[n, [op, n], ...]`` by evaluating it pixel by pixel in every image
+    (or in ``images`` only)."""
     numbers = [formula[0]] + [n for _, n in formula[1:]]
     needed = sorted({CATEGORIES.index(category_of(n)) for n in numbers})
     inter = union = 0
     for i, masks in enumerate(concepts):
-        if not annotated[i, needed].all():
+        if not annotated[i, needed].all() or (images is not None and i not in images):
             continue
         size = fired[i].shape[1]
         value = masks.get(formula[0], np.zeros(size, bool))
@@ -110,9 +111,10 @@ def test_a_beam_as_wide_as_the_concepts_finds_the_exhaustive_best(run):
     layout = RunLayout(Path(run.out_dir))
     layer = "features.conv2"
     n_labels = len(broden.labels)
-    settings = CompositionalSettings(beam=n_labels, max_length=2, length_penalty=0.0, runner_ups=0, units_per_task=8)
+    settings = CompositionalSettings(beam=n_labels, max_length=2, length_penalty=0.0, runner_ups=0, units_per_task=8,
+                                     max_images=0, sample_seed=0)
     categories = np.array([CATEGORIES.index(broden.category_of(n)) for n in range(1, n_labels + 1)])
-    job = compositional.SearchJob(str(layout.activations), str(layout.concept_bits), str(layout.image_annotations),
+    job = compositional.SearchJob(str(layout.activations), compositional.MaskFiles.of(layout),
                                   layer, read_thresholds(layout, layer), categories,
                                   np.array([broden.mask_size(i) for i in range(len(broden))]), settings)
     fired, concepts, annotated = raw_masks(run, layer)
@@ -121,6 +123,38 @@ def test_a_beam_as_wide_as_the_concepts_finds_the_exhaustive_best(run):
         assert len([f for f, _ in explored if f.length == 2]) == n_labels * (n_labels - 1) * 3  # all were scored
         assert explored[0][1] == pytest.approx(exhaustive_best(unit, n_labels, fired, concepts, annotated,
                                                                 broden.category_of), abs=1e-12)
+
+
+def test_a_sampled_search_counts_exactly_over_its_recorded_sample(run, tmp_path):
+    """compositional.max_images below the valid images: the search runs on a seeded sample, recorded, exact."""
+    import shutil
+
+    from dissect.stages.compositional import search_sample
+
+    copy = tmp_path / "run"
+    shutil.copytree(run.out_dir, copy)
+    cfg = run.copy()
+    cfg.out_dir, cfg.compositional.max_images, cfg.compositional.sample_seed = str(copy), 25, 3
+    compositional.run(cfg)
+    layout = RunLayout(copy)
+    sample = np.load(layout.concept_sample)
+    valid = open_activations(layout.root)["valid"][:]
+    np.testing.assert_array_equal(sample, search_sample(valid, section(cfg.compositional, CompositionalSettings)))
+    broden = BrodenDataset(run.dataset.root)
+    layer = "features.conv2"
+    summary = json.loads(layout.compositional_json(layer).read_text())
+    assert summary["images"] == {"probe_set": 60, "valid": int(valid.sum()), "searched": 25, "sampled": True,
+                                 "sample_seed": 3, "sample_digest": compositional.sample_digest(sample)}
+    fired, concepts, annotated = raw_masks(run, layer)
+    table = pd.read_csv(layout.compositional_csv(layer))
+    for row in table.itertuples():
+        expected = brute_iou(json.loads(row.formula_json), row.unit, fired, concepts, annotated, broden.category_of,
+                             images=set(sample.tolist()))
+        assert row.iou == pytest.approx(expected, abs=1e-6), (row.unit, row.formula)
+    assert not table.equals(pd.read_csv(RunLayout(Path(run.out_dir)).compositional_csv(layer)))
+    from reports.compositional_section import layer_fragment
+
+    assert f"seeded sample of 25 of the {int(valid.sum())} valid images" in layer_fragment(layout, layer)
 
 
 def test_a_formula_text_and_machine_form():
