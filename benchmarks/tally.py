@@ -58,8 +58,9 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's package, and the references
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]  # this checkout's package, the references
 
+from probe_subset import subset_probe  # noqa: E402
 from reference_tally import lite_counts, reference_counts, reference_iou  # noqa: E402
 
 PROBE = REPO / "data" / "synthetic_broden"
@@ -72,18 +73,6 @@ def compose(overrides: list[str]):
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
-
-
-def subset_probe(source: Path, target: Path, n_images: int) -> Path:
-    """A Broden directory with the first ``n_images`` rows of ``source``'s index.csv; images/ is a symlink."""
-    target.mkdir(parents=True)
-    lines = (source / "index.csv").read_text().splitlines(keepends=True)
-    (target / "index.csv").write_text("".join(lines[:n_images + 1]))
-    for table in source.glob("*.csv"):
-        if table.name != "index.csv":
-            shutil.copy(table, target / table.name)
-    (target / "images").symlink_to(source / "images")
-    return target
 
 
 def spread_labels(source: Path, target: Path, n_labels: int) -> Path:
