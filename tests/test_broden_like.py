@@ -15,6 +15,7 @@ from data_prep.__main__ import main as data_prep_main
 from data_prep.broden_like import DEMO_COVERAGE_BOUND, catalogue, generate, is_complete, plan_image, render
 from data_prep.synthetic_broden import COLORS
 from data_prep.verify_broden import verify
+from broden_counts import label_statistics
 from dissect.broden import CATEGORIES, IMAGE_CATEGORIES, PIXEL_CATEGORIES, BrodenDataset, image_concepts
 
 N_IMAGES = 300
@@ -110,19 +111,7 @@ def test_parts_lie_inside_their_objects(built: Path) -> None:
 def test_label_frequencies_match_the_index(built: Path) -> None:
     """label.csv frequency and coverage equal counts made independently from the index and the masks."""
     data = BrodenDataset(built)
-    n_labels = len(data.labels)
-    frequency = np.zeros(n_labels + 1, int)
-    coverage = np.zeros(n_labels + 1)
-    for i in range(N_IMAGES):
-        for category in PIXEL_CATEGORIES:
-            layers = data.pixel_labels(i, category)
-            for number in set(np.unique(layers).tolist()) - {0}:
-                frequency[number] += 1
-                coverage[number] += (layers == number).any(axis=0).mean()
-        for category in IMAGE_CATEGORIES:
-            for number in data.image_labels(i, category):
-                frequency[number] += 1
-                coverage[number] += 1.0
+    frequency, coverage = label_statistics(data)
     assert data.labels["frequency"].tolist() == frequency[1:].tolist()
     np.testing.assert_allclose(data.labels["coverage"].to_numpy(), coverage[1:], atol=1e-5)
     for category in CATEGORIES:

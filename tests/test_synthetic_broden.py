@@ -19,6 +19,7 @@ from data_prep.synthetic_broden import (
     render,
 )
 from data_prep.verify_broden import verify
+from broden_counts import label_statistics
 from dissect.broden import IMAGE_CATEGORIES, PIXEL_CATEGORIES, BrodenDataset
 
 N_IMAGES = 40
@@ -135,18 +136,7 @@ def test_colour_masks_agree_with_texture_pixels(built: Path) -> None:
 
 def test_label_statistics_match_the_masks(built: Path) -> None:
     data = BrodenDataset(built)
-    frequency = np.zeros(len(LABELS) + 1, int)
-    coverage = np.zeros(len(LABELS) + 1)
-    for i in range(N_IMAGES):
-        for category in PIXEL_CATEGORIES:
-            layers = data.pixel_labels(i, category)
-            for number in set(np.unique(layers).tolist()) - {0}:
-                frequency[number] += 1
-                coverage[number] += (layers == number).any(axis=0).mean()
-        for category in IMAGE_CATEGORIES:
-            for number in data.image_labels(i, category):
-                frequency[number] += 1
-                coverage[number] += 1.0
+    frequency, coverage = label_statistics(data)
     assert data.labels["frequency"].tolist() == frequency[1:].tolist()
     np.testing.assert_allclose(data.labels["coverage"].to_numpy(), coverage[1:], atol=1e-6)
     assert [(name, data.category_of(k + 1)) for k, (name, _) in enumerate(LABELS)] == list(LABELS)
