@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import dask
 import torch
-from distributed import Client, LocalCluster, get_worker
+from distributed import Client, LocalCluster, as_completed, get_worker
 from omegaconf import DictConfig
 
 from dissect.errors import ConfigError, DissectError
@@ -252,6 +252,44 @@ def dask_client(cluster_cfg: DictConfig) -> Iterator[Client]:
 def worker_count(client: Client) -> int:
     """Workers connected now (at least 1, so that work is cut into at least one piece)."""
     return max(1, len(client.scheduler_info()["workers"]))
+
+
+def thread_count(client: Client) -> int:
+    """Worker threads connected now, over all workers (at least 1)."""
+    return max(1, sum(worker["nthreads"] for worker in client.scheduler_info()["workers"].values()))
+
+
+def results_in_window(client: Client, task: Callable[..., Any], calls: Sequence[tuple],
+                      window: int | None = None) -> Iterator[tuple[int, Any]]:
+    """``(i, task(*calls[i]))`` for every call, in the order they finish, with at most ``window`` calls in flight.
+
+    A call is submitted only when fewer than ``window`` (default: twice the
+    cluster's worker threads, so no thread waits) are running or finished but
+    not yet taken, and each future is released once its result is yielded, so
+    the results the workers hold at once stay bounded by the window however
+    many calls there are (submitting them all at once lets finished results
+    pile up in the workers' memory whenever the caller is slower than the workers).
+    """
+    window = window or 2 * thread_count(client)
+    waiting = iter(enumerate(calls))
+    index_of: dict[Any, int] = {}
+    running = as_completed()
+
+    def submit_next() -> None:
+        call = next(waiting, None)
+        if call is not None:
+            future = client.submit(task, *call[1], pure=False)
+            index_of[future] = call[0]
+            running.add(future)
+
+    for _ in range(window):
+        submit_next()
+    for future in running:
+        result = future.result()
+        index = index_of.pop(future)
+        future.release()
+        submit_next()
+        yield index, result
 
 
 def runs_in_this_process(client: Client) -> bool:

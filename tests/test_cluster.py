@@ -273,3 +273,27 @@ def test_every_stage_on_two_worker_processes_writes_what_the_in_process_run_writ
     assert any(name.endswith("maps.zarr/zarr.json") for name in local) and any(".jpg" in name for name in local)
     differing = [name for name in local if local[name] != cluster[name]]
     assert not differing, differing
+
+
+_STARTED: list[int] = []
+
+
+def _square_after_noting(i: int) -> int:
+    """A task for results_in_window: notes that call i started (in-process workers share this list)."""
+    _STARTED.append(i)
+    return i * i
+
+
+def test_results_in_window_gives_every_result_once_and_never_starts_more_than_the_window_ahead():
+    from dissect.cluster import results_in_window
+
+    _STARTED.clear()
+    window, taken = 3, []
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+        for index, result in results_in_window(client, _square_after_noting, [(i,) for i in range(40)], window):
+            taken.append(index)
+            # calls started so far, minus those taken (this one included), never exceed the window
+            assert len(_STARTED) - len(taken) <= window
+            assert result == index ** 2
+    assert sorted(taken) == list(range(40))
+    assert sorted(_STARTED) == list(range(40))

@@ -16,6 +16,8 @@ find those order statistics, chosen per layer by ``thresholds.memory_mib``:
   peak (the kept top m, whose partition keeps 2m alive, a block's top m, their
   concatenation and its partition), which grows with the number of images
   (m is about quantile x images x h x w). Used when that peak fits the budget.
+  Beside it, the workers hold at most a window of twice their threads of
+  block results (U x min(m, block values) float32 each) waiting to be merged.
 - **radix select** (two passes, otherwise): the float16 values are mapped to
   16-bit keys in the same order (``order_keys``), and the order statistics are
   found digit by digit. Pass 1 counts each unit's keys by their high byte
@@ -45,12 +47,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import zarr
-from distributed import Client, as_completed
+from distributed import Client
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from dissect.artifacts import map_layers, open_activations, write_json_atomic
-from dissect.cluster import dask_client
+from dissect.cluster import dask_client, results_in_window
 from dissect.layout import RunLayout
 from dissect.settings import ThresholdsSettings, section
 from dissect.stamps import is_current, stamp_digest, start, write_stamp
@@ -156,17 +158,18 @@ def select_digit(counts: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.
 
 def merge_blocks(client: Client, task: Callable[..., np.ndarray], store_path: Path, layer: str, block_images: int,
                  extra: tuple, combine: Callable[[np.ndarray, np.ndarray], np.ndarray], desc: str) -> np.ndarray:
-    """``task(store, layer, start, stop, *extra)`` on every block of images, combined on the client as they finish."""
+    """``task(store, layer, start, stop, *extra)`` on every block of images, combined on the client as they finish.
+
+    Blocks run in a bounded window (``results_in_window``), so the block results
+    waiting in the workers' memory do not grow with the number of images.
+    """
     n_images = zarr.open_group(store_path, mode="r")[layer]["maps"].shape[0]
-    futures = [client.submit(task, str(store_path), layer, first, min(first + block_images, n_images), *extra,
-                             pure=False)
-               for first in range(0, n_images, block_images)]
+    calls = [(str(store_path), layer, first, min(first + block_images, n_images), *extra)
+             for first in range(0, n_images, block_images)]
     merged = None
-    with tqdm(total=len(futures), desc=desc, unit="block") as bar:
-        for future in as_completed(futures):
-            part = future.result()
+    with tqdm(total=len(calls), desc=desc, unit="block") as bar:
+        for _, part in results_in_window(client, task, calls):
             merged = part if merged is None else combine(merged, part)
-            future.release()
             bar.update()
     return merged
 
