@@ -8,9 +8,12 @@ fresh subprocess (so that its peak RSS is its own; its children, DataLoader
 workers if any, are reported apart, with the pages they share with it) and
 prints its images/s over the whole stage (model set-up included) and over its
 stream (decode, forward, Zarr writes), next to a bare ``model(x)`` loop over the
-same images, already decoded and normalised, with the same batch size, torch
-threads and memory format (contiguous), the model in eval mode under
-``torch.inference_mode``. ``ratio`` is stream / bare (the target is >= 0.9).
+same images, already decoded and normalised, with the same batch size and torch
+threads, the model in eval mode under ``torch.inference_mode``: once as the
+model comes (contiguous memory, ``bare``) and once with model and images in
+channels-last memory order (``bare CL``), the order the stage runs in.
+``ratio`` is stream / bare (the issue's target is >= 0.9); ``ratio CL`` is
+stream / bare CL, what decoding and writing cost against the same forward pass.
 Stage and bare loop alternate ``--repeats`` times and the best of each counts,
 so that a moment of load from other processes shows in neither; the load
 average is printed with each row. The embedded model (``default``) loads its
@@ -77,8 +80,10 @@ def own_peak_rss_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def bare_forward(model: str, probe: Path, batch_size: int) -> float:
+def bare_forward(model: str, probe: Path, batch_size: int, channels_last: bool) -> float:
     """images/s of ``model(x)`` over the probe images, decoded and normalised beforehand, batch by batch.
+
+    ``channels_last``: model and images in that memory order (as the stage runs them), else contiguous.
 
     The loop runs in a thread of its own, as the stage's forward pass does (in
     a dask worker thread): here the main thread's loop was up to 2x slower
@@ -95,6 +100,9 @@ def bare_forward(model: str, probe: Path, batch_size: int) -> float:
     paths = open_probe_set(cfg.dataset).image_paths
     batches = [torch.stack([prep(Image.open(p)) for p in paths[begin:begin + batch_size]])
                for begin in range(0, len(paths), batch_size)]
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+        batches = [images.contiguous(memory_format=torch.channels_last) for images in batches]
     threads = torch.get_num_threads()
     seconds = []
 
@@ -138,8 +146,8 @@ def main() -> None:
     print(f"batch_size={args.batch_size} torch threads={torch.get_num_threads()} cores={os.cpu_count()}")
     print(f"best of {args.repeats}, alternating: bare: a model(x) loop; stage: the whole extract stage, model set-up"
           " included; stream: its image loop (decode, forward, Zarr writes); ratio: stream / bare")
-    print(f"{'model':>8} {'images':>7} {'bare img/s':>11} {'stage img/s':>12} {'stream img/s':>13} {'ratio':>6} "
-          f"{'peak RSS MiB':>13} {'children MiB':>13} {'store MiB':>10} {'load':>11}")
+    print(f"{'model':>8} {'images':>7} {'bare img/s':>11} {'bare CL':>8} {'stage img/s':>12} {'stream img/s':>13} "
+          f"{'ratio':>6} {'ratio CL':>8} {'peak RSS MiB':>13} {'children MiB':>13} {'store MiB':>10} {'load':>11}")
     with tempfile.TemporaryDirectory() as scratch:
         for model in args.models:
             # Probe images are stored at the model's input size, as Broden is (broden1_227 for AlexNet).
@@ -147,9 +155,10 @@ def main() -> None:
             for n_images in args.sizes:
                 probe = write_image_folder(Path(scratch) / f"{model}{n_images}", n_images, size=input_size,
                                            seed=n_images, png_every=0)
-                bare, runs, loads = [], [], [os.getloadavg()[0]]
+                bare, bare_cl, runs, loads = [], [], [], [os.getloadavg()[0]]
                 for repeat in range(args.repeats):
-                    bare.append(bare_forward(model, probe, args.batch_size))
+                    bare.append(bare_forward(model, probe, args.batch_size, channels_last=False))
+                    bare_cl.append(bare_forward(model, probe, args.batch_size, channels_last=True))
                     out = Path(scratch) / f"run-{model}{n_images}-{repeat}"
                     runs.append(stage(model, probe, out, args.batch_size))
                     store_mib = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
@@ -158,8 +167,9 @@ def main() -> None:
                 best = max(runs, key=lambda run: n_images / run["stream_seconds"])
                 stage_rate = max(n_images / run["seconds"] for run in runs)
                 stream = n_images / best["stream_seconds"]
-                print(f"{model:>8} {n_images:>7} {max(bare):>11.1f} {stage_rate:>12.1f} {stream:>13.1f} "
-                      f"{stream / max(bare):>6.2f} {best['peak_rss_mib']:>13.0f} "
+                print(f"{model:>8} {n_images:>7} {max(bare):>11.1f} {max(bare_cl):>8.1f} {stage_rate:>12.1f} "
+                      f"{stream:>13.1f} {stream / max(bare):>6.2f} {stream / max(bare_cl):>8.2f} "
+                      f"{best['peak_rss_mib']:>13.0f} "
                       f"{best['peak_rss_children_mib']:>13.0f} {store_mib:>10.1f} "
                       f"{min(loads):>5.2f}-{max(loads):<5.2f}", flush=True)
 

@@ -78,8 +78,9 @@ def test_normalise_array_equals_normalise_bit_for_bit():
     pixels = np.random.default_rng(0).integers(0, 256, size=(5, 64, 64, 3), dtype=np.uint8)
     expected = PREP.normalise(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous())
     normalised = PREP.normalise_array(pixels)
-    assert normalised.dtype == np.float32 and normalised.flags.c_contiguous
-    assert torch.equal(torch.from_numpy(normalised), expected)
+    tensor = torch.from_numpy(normalised)
+    assert normalised.dtype == np.float32 and tensor.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(tensor, expected)
 
 
 @pytest.fixture(scope="module")
