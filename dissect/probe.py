@@ -6,8 +6,7 @@ every image file under it, sorted, ids are paths relative to the folder).
 
 Images are decoded by ``Preprocessing.read``: baseline and progressive JPEGs
 (YCbCr or greyscale) by libjpeg-turbo through simplejpeg, which holds no GIL
-while it decodes, so a thread decodes beside the model's threads
-(``ThreadedBatches``); every other file, and any JPEG that simplejpeg refuses,
+while it decodes, so threads decode in parallel (``ThreadedBatches``); every other file, and any JPEG that simplejpeg refuses,
 by PIL. Both give the same pixels as PIL, and an unreadable file raises PIL's error.
 """
 
@@ -205,7 +204,7 @@ def read_into(path: Path, preprocessing: Preprocessing, out: np.ndarray) -> str:
 
 
 class ThreadedBatches:
-    """Batches of probe images decoded and normalised by a thread beside the model, a few batches ahead.
+    """Batches of probe images decoded and normalised by threads, optionally a few batches ahead.
 
     Iterating yields ``(indices, images (n, 3, S, S) float32, errors)`` per
     batch of ``batches``, in order: ``images`` in channels-last memory order

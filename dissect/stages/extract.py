@@ -28,8 +28,8 @@ of consecutive chunks (about four per worker) and each shard is a dask task.
 A worker loads the model once (``dissect.cluster.worker_state``) on its own
 device (``extract.device=auto``: its GPU when it has one, float16 autocast when
 ``extract.amp``), decodes its shard's images (``extract.num_workers`` loader
-processes, or with none a decoder thread beside the model, a few batches ahead:
-``dissect.probe.ThreadedBatches``), and writes each chunk whole straight into the shared store, then
+processes, or with none threads of the worker: ``dissect.probe.ThreadedBatches``,
+as ``decoding_plan`` says), runs model and images channels-last, and writes each chunk whole straight into the shared store, then
 its marker. Batches start at chunk boundaries, so they are the same whoever
 runs them and the arrays are identical to a single-process run. A killed run,
 or a worker lost mid-shard (dask runs the shard again elsewhere), recomputes
