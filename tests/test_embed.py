@@ -36,9 +36,13 @@ def blobs() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """300 points in 64-d around 4 planted centres, their cluster labels and both layouts of their PCA features."""
     features, clusters = make_blobs(n_samples=300, n_features=64, centers=4, random_state=0)
     reduced, _ = embed.pca_features(features.astype(np.float32), 50, seed=0)
-    layouts = {"tsne": embed.tsne_layout(reduced, 30.0, seed=0),
-               "umap": embed.umap_layout(reduced, 15, 0.1, seed=0)}
-    return reduced, clusters, layouts
+    return reduced, clusters, layouts_of(reduced)
+
+
+def layouts_of(reduced: np.ndarray) -> dict[str, np.ndarray]:
+    """Both layouts of the stage's defaults (perplexity 30, 15 neighbours, seed 0) on one neighbour graph."""
+    graph = embed.knn_graph(reduced, embed.graph_size(len(reduced), 30.0, 15), seed=0)
+    return {"tsne": embed.tsne_layout(reduced, 30.0, 0, graph), "umap": embed.umap_layout(reduced, 15, 0.1, 0, graph)}
 
 
 @pytest.mark.parametrize("method", EMBED_METHODS)
@@ -54,7 +58,7 @@ def test_both_layouts_keep_planted_clusters_apart(blobs, method):
 
 def test_layouts_are_byte_identical_for_the_same_seed(blobs):
     reduced, _, layouts = blobs
-    again = {"tsne": embed.tsne_layout(reduced, 30.0, seed=0), "umap": embed.umap_layout(reduced, 15, 0.1, seed=0)}
+    again = layouts_of(reduced)
     for method in EMBED_METHODS:
         assert again[method].dtype == np.float32
         assert again[method].tobytes() == layouts[method].tobytes()
@@ -321,3 +325,40 @@ def test_features_of_rank_one_are_laid_out_on_one_pca_component(tmp_path, image_
     assert all(path.is_file() for path in (layout.embed_neighbours_csv, *embed.pictures(layout)))
     html = embed_section.render(tmp_path, tmp_path / "report")
     assert "PCA keeps only 1 of the 8 components asked" in html and "2 images with non-finite features" in html
+
+
+def brute_force_neighbours(points: np.ndarray, k: int) -> np.ndarray:
+    """(N, d) -> (N, k) each point's k nearest other points by float64 pairwise distances."""
+    squared = ((points[:, None, :].astype(np.float64) - points[None, :, :]) ** 2).sum(axis=2)
+    np.fill_diagonal(squared, np.inf)
+    return np.argsort(squared, axis=1, kind="stable")[:, :k]
+
+
+def test_knn_graph_is_exact_below_a_thousand_points_and_close_above():
+    rng = np.random.default_rng(5)
+    small = rng.normal(size=(400, 12)).astype(np.float32)
+    graph = embed.knn_graph(small, 20, seed=0)
+    assert graph.indices.shape == graph.distances.shape == (400, 20)
+    np.testing.assert_array_equal(graph.indices, brute_force_neighbours(small, 20))
+    expected = np.sqrt(((small[:, None, :] - small[graph.indices]) ** 2).sum(axis=2))
+    np.testing.assert_allclose(graph.distances, expected, rtol=1e-4)
+    large = rng.normal(size=(1500, 8)).astype(np.float32)  # Annoy: approximate
+    found = embed.knn_graph(large, 15, seed=0).indices
+    truth = brute_force_neighbours(large, 15)
+    recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(found, truth)])
+    assert recall >= 0.95
+
+
+def test_umap_takes_the_shared_graph_without_building_its_own(monkeypatch):
+    """Above 4,096 points umap-learn would search neighbours itself (pynndescent); given the graph, it never does."""
+    import umap.umap_
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("UMAP searched for neighbours itself")
+
+    monkeypatch.setattr(umap.umap_, "nearest_neighbors", refuse)
+    features, clusters = make_blobs(n_samples=4500, n_features=8, centers=4, random_state=1)
+    reduced = features.astype(np.float32)
+    coords = embed.umap_layout(reduced, 15, 0.1, 0, embed.knn_graph(reduced, 14, seed=0))
+    assert coords.shape == (4500, 2) and np.isfinite(coords).all()
+    assert silhouette_score(coords, clusters) >= MIN_SILHOUETTE

@@ -10,8 +10,10 @@ holds: the nearest neighbours below are found on it first, then PCA
 centred rows span at most N - 1 dimensions), and the PCA features are laid out
 in 2-D by t-SNE (openTSNE: PCA initialisation, learning rate N / 12,
 Barnes-Hut below 10,000 points and FFT-accelerated interpolation above, which
-grows linearly with N) and UMAP (``umap.UMAP``). The perplexity is clipped to (N - 1) / 3 (t-SNE looks at 3 *
-perplexity neighbours) and n_neighbors to N - 1. Every random choice (PCA's
+grows linearly with N) and UMAP (``umap.UMAP``), both on one k-nearest-neighbour graph of the PCA
+features (``knn_graph``: openTSNE's exact search below 1,000 points, Annoy above), found once. The
+perplexity is clipped to (N - 1) / 3 (t-SNE looks at 3 * perplexity neighbours) and n_neighbors to
+N - 1. Every random choice (PCA's
 randomised solver, both layouts, the samples below) is seeded by
 ``embed.seed``, so the coordinates are byte-identical across runs; umap-learn
 then runs its optimisation on one thread.
@@ -60,9 +62,10 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -161,10 +164,12 @@ def run(cfg: DictConfig) -> Path:
                     RANK_TOLERANCE, informative, used["pca_components"])
     reduced = at_least_two_columns(reduced)
     layouts = {}
+    with timed("knn graph", seconds):
+        graph = knn_graph(reduced, graph_size(n_images, used["perplexity"], used["n_neighbors"]), settings.seed)
     with timed("tsne", seconds):
-        layouts["tsne"] = tsne_layout(reduced, used["perplexity"], settings.seed)
+        layouts["tsne"] = tsne_layout(reduced, used["perplexity"], settings.seed, graph)
     with timed("umap", seconds):
-        layouts["umap"] = umap_layout(reduced, used["n_neighbors"], settings.min_dist, settings.seed)
+        layouts["umap"] = umap_layout(reduced, used["n_neighbors"], settings.min_dist, settings.seed, graph)
     with timed("trustworthiness", seconds):
         trust = trustworthiness_scores(reduced, layouts, used["trustworthiness_sample"],
                                        used["trustworthiness_neighbors"], settings.seed)
@@ -287,24 +292,76 @@ def at_least_two_columns(reduced: np.ndarray) -> np.ndarray:
     return np.pad(reduced, ((0, 0), (0, max(0, 2 - reduced.shape[1]))))
 
 
-def tsne_layout(reduced: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
-    """(N, k) -> (N, 2) float32 t-SNE coordinates (openTSNE: PCA init, learning rate 'auto', BH or FFT by N).
+@dataclass(frozen=True)
+class KnnGraph:
+    """Each point's k nearest other points in the PCA features, nearest first (itself left out).
 
-    Seeded, the coordinates are the same for any number of threads (checked), so every core is used.
+    indices (N, k) int64 rows, distances (N, k) float32 Euclidean.
     """
-    from openTSNE import TSNE  # imported here: no other stage needs it
 
+    indices: np.ndarray
+    distances: np.ndarray
+
+    def first(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first k columns of (indices, distances)."""
+        return self.indices[:, :k], self.distances[:, :k]
+
+
+def graph_size(n_points: int, perplexity: float, n_neighbors: int) -> int:
+    """Neighbours per point both layouts need: t-SNE looks at 3 x perplexity, UMAP at n_neighbors - 1 others."""
+    return min(n_points - 1, max(int(3 * perplexity), n_neighbors - 1))
+
+
+def knn_graph(reduced: np.ndarray, k: int, seed: int) -> KnnGraph:
+    """(N, r) PCA features -> their k-nearest-neighbour graph, found once for both layouts.
+
+    openTSNE's search, as its t-SNE would choose it: exact (scikit-learn)
+    below 1,000 points, Annoy's seeded random-projection forests above. UMAP
+    takes the same graph instead of building its own with pynndescent, whose
+    numba compilation alone took 30-60 s per process on this machine.
+    """
+    from openTSNE.affinity import get_knn_index  # imported here: no other stage needs it
+
+    index = get_knn_index(reduced, "auto", k=k, metric="euclidean", n_jobs=os.cpu_count() or 1, random_state=seed)
+    indices, distances = index.build()
+    return KnnGraph(np.asarray(indices, dtype=np.int64), np.asarray(distances, dtype=np.float32))
+
+
+def tsne_layout(reduced: np.ndarray, perplexity: float, seed: int, graph: KnnGraph) -> np.ndarray:
+    """(N, r) -> (N, 2) float32 t-SNE coordinates (openTSNE: PCA init, learning rate 'auto', BH or FFT by N).
+
+    The affinities come from the first 3 x perplexity neighbours of ``graph``
+    (openTSNE's own default). Seeded, the coordinates are the same for any
+    number of threads (checked), so every core is used.
+    """
+    from openTSNE import TSNE
+    from openTSNE.affinity import PerplexityBasedNN
+    from openTSNE.nearest_neighbors import PrecomputedNeighbors
+
+    neighbours = PrecomputedNeighbors(*graph.first(min(len(reduced) - 1, int(3 * perplexity))))
+    affinities = PerplexityBasedNN(perplexity=perplexity, knn_index=neighbours, n_jobs=os.cpu_count() or 1,
+                                   random_state=seed)
     tsne = TSNE(n_components=2, perplexity=perplexity, initialization="pca", learning_rate="auto",
                 n_jobs=os.cpu_count() or 1, random_state=seed, verbose=False)
-    return np.asarray(tsne.fit(reduced), dtype=np.float32)
+    return np.asarray(tsne.fit(reduced, affinities=affinities), dtype=np.float32)
 
 
-def umap_layout(reduced: np.ndarray, n_neighbors: int, min_dist: float, seed: int) -> np.ndarray:
-    """(N, k) -> (N, 2) float32 UMAP coordinates; single-threaded, as umap-learn is with a random_state."""
+def umap_layout(reduced: np.ndarray, n_neighbors: int, min_dist: float, seed: int, graph: KnnGraph) -> np.ndarray:
+    """(N, r) -> (N, 2) float32 UMAP coordinates; single-threaded, as umap-learn is with a random_state.
+
+    UMAP's neighbourhoods are each point itself (distance 0, as umap-learn
+    expects first) and its first n_neighbors - 1 neighbours of ``graph``.
+    """
     import umap  # imported here: it takes seconds (numba), and no other stage needs it
 
-    reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed, n_jobs=1)
-    return reducer.fit_transform(reduced).astype(np.float32)
+    indices, distances = graph.first(n_neighbors - 1)
+    own = np.arange(len(reduced))[:, None]
+    precomputed = (np.hstack([own, indices]), np.hstack([np.zeros_like(own, dtype=np.float32), distances]))
+    reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed, n_jobs=1,
+                        precomputed_knn=precomputed)
+    with warnings.catch_warnings():  # a precomputed graph has no search index, so no later transform()
+        warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]")
+        return reducer.fit_transform(reduced).astype(np.float32)
 
 
 def trustworthiness_scores(reduced: np.ndarray, layouts: dict[str, np.ndarray], sample: int, n_neighbors: int,
