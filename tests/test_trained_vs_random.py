@@ -1,20 +1,18 @@
-"""The paper's sanity result: a trained network has clearly more detectors than the same one with random weights.
+"""The paper's sanity result on the first-run demo: a trained network has clearly more detectors than random weights.
 
 SmallCNN is trained with the embedded default recipe (train_embedded's
-defaults: batch norm, both tasks, 6 epochs, lr 3e-3, seed 0) on 1600 generated
-images (1280 train) and dissected on the same images, like the same
-architecture with seeded random weights.
+defaults: batch norm, both tasks, 6 epochs, lr 3e-3, seed 0) on the default
+generated set (the ``demo`` profile of data_prep.broden_like: 3000 images,
+113 labels, no concept above 3.9% of all pixels), exactly as ``make model``
+does, and dissected on the same images, like the same architecture with
+seeded random weights.
 
-Measured (detectors summed over the post-ReLU maps features.relu3 +
-features.relu4, 192 units): trained 47 (held-out accuracy 0.84), random 19;
-almost all of both are colour detectors. Scenes, materials and sky cover too much of the
-set (13 to 19% of the pixels each) to ever reach IoU 0.04 at quantile 0.005.
-On 800 images the same recipe gave only 40 against 24, so the test uses 1600.
-The test asks for trained >= 1.8 x random and trained - random >= 15.
-
-This test trains on the ``basic`` generated set (data_prep.synthetic_broden). On the default demo set
-(3000 images) the embedded model has 171 detectors against 26 for random weights, in four categories;
-see README, "Trained against random"."""
+Measured on data/synthetic_broden with the model ``make model`` trains
+(detectors over the post-ReLU maps features.relu3 + features.relu4, 192
+units): trained 171 in four categories (material 142, texture 19, scene 9,
+colour 1), random 26. The test asks for trained >= 3 x random (the issue's
+bar) and detectors in at least three categories.
+"""
 
 import json
 from pathlib import Path
@@ -25,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_prep.synthetic_broden import generate
+from data_prep.broden_like import generate
 from dissect.embedded_training import train_embedded
 from dissect.embedded_model import SmallCNN
 from dissect.layers import LayerRecorder
@@ -34,10 +32,9 @@ from dissect.models import load_model
 from dissect.pipeline import run_pipeline
 from dissect.probe import Preprocessing, open_probe_set
 
-N_IMAGES = 1600
 LAYERS = ["features.relu3", "features.relu4"]
-MIN_RATIO = 1.8
-MIN_DIFFERENCE = 15
+MIN_RATIO = 3.0
+MIN_CATEGORIES = 3
 
 
 def dissect(compose_config, probe: Path, checkpoint: Path, outputs: int, name: str,
@@ -52,15 +49,15 @@ def dissect(compose_config, probe: Path, checkpoint: Path, outputs: int, name: s
 
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory) -> tuple[Path, Path, int]:
-    """(probe set, checkpoint, outputs) of SmallCNN trained with the embedded recipe on N_IMAGES generated images."""
+    """(probe set, checkpoint, outputs) of SmallCNN trained with the embedded recipe on the default demo set."""
     base = tmp_path_factory.mktemp("trained")
-    probe = generate(base / "probe", n_images=N_IMAGES, size=224, seed=0, workers=2)
+    probe = generate(base / "probe", profile="demo", seed=0, workers=2)
     metrics = train_embedded(probe, base / "trained")
     print(f"held-out accuracy {metrics['held_out_accuracy']:.3f}")
     return probe, base / "trained" / "model.pt", int(metrics["num_outputs"])
 
 
-@pytest.mark.slow  # trains a model (once for the module): about 100 s on 2 cores
+@pytest.mark.slow  # builds the demo set and trains a model (once for the module): about 4 min on 2 cores
 def test_trained_model_has_clearly_more_detectors_than_random_weights(compose_config, trained_model, tmp_path):
     probe, checkpoint, outputs = trained_model
     torch.manual_seed(0)
@@ -70,16 +67,17 @@ def test_trained_model_has_clearly_more_detectors_than_random_weights(compose_co
     trained = dissect(compose_config, probe, checkpoint, outputs, "trained", tmp_path / "run_trained")
     random = dissect(compose_config, probe, random_checkpoint, outputs, "random", tmp_path / "run_random")
 
-    counts = {}
+    counts, categories = {}, {}
     for kind, summaries in (("trained", trained), ("random", random)):
         counts[kind] = sum(s["detectors"] for s in summaries.values())
+        categories[kind] = {c for s in summaries.values() for c, n in s["detectors_by_category"].items() if n}
         for layer, s in summaries.items():
             by_category = {c: n for c, n in s["detectors_by_category"].items() if n}
             print(f"{kind:<7} {layer}: {s['detectors']}/{s['units']} detectors, {s['unique_detectors']} unique, "
                   f"{by_category}")
-    print(f"detectors trained {counts['trained']}, random {counts['random']}")
+    print(f"detectors trained {counts['trained']} in {sorted(categories['trained'])}, random {counts['random']}")
     assert counts["trained"] >= MIN_RATIO * counts["random"]
-    assert counts["trained"] - counts["random"] >= MIN_DIFFERENCE
+    assert len(categories["trained"]) >= MIN_CATEGORIES
 
 
 
@@ -92,7 +90,7 @@ def test_the_visualisation_of_a_trained_detector_beats_its_largest_probe_activat
                                                                                     tmp_path):
     """The unit's centre position, optimised, exceeds its largest activation anywhere on any probe image.
 
-    Measured on this model: at 512 steps the three best detectors of relu4 reach 3.9, 5.2 and 6.0 against
+    Measured on the earlier model of this module (1600 images of the basic set): at 512 steps the three best detectors of relu4 reach 3.9, 5.2 and 6.0 against
     2.8, 3.0 and 3.8 anywhere on the probe images; at 256 steps the first reached only 2.5."""
     probe, checkpoint, outputs = trained_model
     cfg = compose_config(["model=default", f"model.checkpoint={checkpoint}", f"model.module.num_classes={outputs}",
