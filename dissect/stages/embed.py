@@ -92,8 +92,8 @@ from dissect.stamps import is_current, stamp_digest, start, write_stamp
 
 log = logging.getLogger(__name__)
 
-#: The version of this stage's output format.
-FORMAT = 1
+#: The version of this stage's output format (2: both layouts on one shared neighbour graph).
+FORMAT = 2
 MAX_LABELS = 19  # labels with their own colour; the rest are drawn as 'other' (20 colours in all)
 THUMBNAIL_PX = 48  # side of one cell of the thumbnail maps
 NEIGHBOUR_PX = 96  # side of one image of neighbours.png
@@ -307,9 +307,14 @@ class KnnGraph:
         return self.indices[:, :k], self.distances[:, :k]
 
 
+def tsne_neighbours(n_points: int, perplexity: float) -> int:
+    """Neighbours per point t-SNE's affinities use: 3 x perplexity (openTSNE's default), at most N - 1."""
+    return min(n_points - 1, int(3 * perplexity))
+
+
 def graph_size(n_points: int, perplexity: float, n_neighbors: int) -> int:
-    """Neighbours per point both layouts need: t-SNE looks at 3 x perplexity, UMAP at n_neighbors - 1 others."""
-    return min(n_points - 1, max(int(3 * perplexity), n_neighbors - 1))
+    """Neighbours per point both layouts need: t-SNE's (``tsne_neighbours``), UMAP's n_neighbors - 1 others."""
+    return min(n_points - 1, max(tsne_neighbours(n_points, perplexity), n_neighbors - 1))
 
 
 def knn_graph(reduced: np.ndarray, k: int, seed: int) -> KnnGraph:
@@ -338,7 +343,7 @@ def tsne_layout(reduced: np.ndarray, perplexity: float, seed: int, graph: KnnGra
     from openTSNE.affinity import PerplexityBasedNN
     from openTSNE.nearest_neighbors import PrecomputedNeighbors
 
-    neighbours = PrecomputedNeighbors(*graph.first(min(len(reduced) - 1, int(3 * perplexity))))
+    neighbours = PrecomputedNeighbors(*graph.first(tsne_neighbours(len(reduced), perplexity)))
     affinities = PerplexityBasedNN(perplexity=perplexity, knn_index=neighbours, n_jobs=os.cpu_count() or 1,
                                    random_state=seed)
     tsne = TSNE(n_components=2, perplexity=perplexity, initialization="pca", learning_rate="auto",
