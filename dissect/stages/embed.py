@@ -94,11 +94,12 @@ from dissect.stamps import is_current, stamp_digest, start, write_stamp
 log = logging.getLogger(__name__)
 
 #: The version of this stage's output format (2: both layouts on one shared neighbour graph; 3: UMAP starts
-#: from PCA, not a spectral embedding).
+#: from PCA, not a spectral embedding; t-SNE's FFT grid 2 units per interval).
 FORMAT = 3
 MAX_LABELS = 19  # labels with their own colour; the rest are drawn as 'other' (20 colours in all)
 THUMBNAIL_PX = 48  # side of one cell of the thumbnail maps
 NEIGHBOUR_PX = 96  # side of one image of neighbours.png
+TSNE_INTS_IN_INTERVAL = 2  # embedding units per FFT interval of openTSNE's t-SNE (see tsne_layout)
 FEATURE_BLOCK_ROWS = 4096  # rows of the feature matrix per block of the neighbour search
 RANK_TOLERANCE = 1e-8  # a PCA component is informative when its variance exceeds this fraction of the first's
 
@@ -339,7 +340,12 @@ def tsne_layout(reduced: np.ndarray, perplexity: float, seed: int, graph: KnnGra
 
     The affinities come from the first 3 x perplexity neighbours of ``graph``
     (openTSNE's own default). Seeded, the coordinates are the same for any
-    number of threads (checked), so every core is used.
+    number of threads (checked), so every core is used. Above 10,000 points
+    the FFT grid has ``TSNE_INTS_IN_INTERVAL`` (2) units of the embedding per
+    interval, not openTSNE's 1: it only matters once the layout spans more than
+    100 units (below, openTSNE keeps its minimum of 50 intervals), and on
+    63,305 Broden-scale images (a layout 234 units wide) it halved t-SNE's time,
+    168.5 -> 83.7 s, with trustworthiness 0.956 -> 0.955.
     """
     from openTSNE import TSNE
     from openTSNE.affinity import PerplexityBasedNN
@@ -349,7 +355,8 @@ def tsne_layout(reduced: np.ndarray, perplexity: float, seed: int, graph: KnnGra
     affinities = PerplexityBasedNN(perplexity=perplexity, knn_index=neighbours, n_jobs=os.cpu_count() or 1,
                                    random_state=seed)
     tsne = TSNE(n_components=2, perplexity=perplexity, initialization="pca", learning_rate="auto",
-                n_jobs=os.cpu_count() or 1, random_state=seed, verbose=False)
+                ints_in_interval=TSNE_INTS_IN_INTERVAL, n_jobs=os.cpu_count() or 1, random_state=seed,
+                verbose=False)
     return np.asarray(tsne.fit(reduced, affinities=affinities), dtype=np.float32)
 
 
