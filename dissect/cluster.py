@@ -27,7 +27,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import fields
@@ -259,21 +259,27 @@ def thread_count(client: Client) -> int:
     return max(1, sum(worker["nthreads"] for worker in client.scheduler_info()["workers"].values()))
 
 
-def results_in_window(client: Client, task: Callable[..., Any], calls: Sequence[tuple],
-                      window: int | None = None) -> Iterator[tuple[int, Any]]:
+def results_in_window(client: Client, task: Callable[..., Any], calls: Iterable[tuple],
+                      window: int | None = None, keep_going: bool = False) -> Iterator[tuple[int, Any]]:
     """``(i, task(*calls[i]))`` for every call, in the order they finish, with at most ``window`` calls in flight.
 
+    ``calls`` may be a generator: each call is made only when it is submitted.
     A call is submitted only when fewer than ``window`` (default: twice the
     cluster's worker threads, so no thread waits) are running or finished but
     not yet taken, and each future is released once its result is yielded, so
     the results the workers hold at once stay bounded by the window however
     many calls there are (submitting them all at once lets finished results
     pile up in the workers' memory whenever the caller is slower than the workers).
+
+    A call that raises raises here when its turn comes; with ``keep_going``
+    the other calls still run and yield, and the first error is raised after
+    the last of them (for stages that keep every finished block on disk).
     """
     window = window or 2 * thread_count(client)
     waiting = iter(enumerate(calls))
     index_of: dict[Any, int] = {}
     running = as_completed()
+    first_error: BaseException | None = None
 
     def submit_next() -> None:
         call = next(waiting, None)
@@ -285,11 +291,18 @@ def results_in_window(client: Client, task: Callable[..., Any], calls: Sequence[
     for _ in range(window):
         submit_next()
     for future in running:
-        result = future.result()
         index = index_of.pop(future)
+        if keep_going and future.status == "error":
+            first_error = first_error or future.exception()
+            future.release()
+            submit_next()
+            continue
+        result = future.result()
         future.release()
         submit_next()
         yield index, result
+    if first_error is not None:
+        raise first_error
 
 
 def runs_in_this_process(client: Client) -> bool:

@@ -297,3 +297,23 @@ def test_results_in_window_gives_every_result_once_and_never_starts_more_than_th
             assert result == index ** 2
     assert sorted(taken) == list(range(40))
     assert sorted(_STARTED) == list(range(40))
+
+
+def _square_unless_seven(i: int) -> int:
+    if i == 7:
+        raise ValueError("seven")
+    return i * i
+
+
+def test_results_in_window_keep_going_yields_every_other_result_then_raises_the_error():
+    from dissect.cluster import results_in_window
+
+    taken: dict[int, int] = {}
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+        with pytest.raises(ValueError, match="seven"):
+            for index, result in results_in_window(client, _square_unless_seven, [(i,) for i in range(20)], 3,
+                                                   keep_going=True):
+                taken[index] = result
+        assert taken == {i: i * i for i in range(20) if i != 7}
+        with pytest.raises(ValueError, match="seven"):  # without keep_going the error stops the loop
+            list(results_in_window(client, _square_unless_seven, [(i,) for i in range(20)], 3))

@@ -73,7 +73,7 @@ import numpy as np
 import pandas as pd
 import torch
 import zarr
-from distributed import Client, as_completed
+from distributed import Client
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
@@ -81,7 +81,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dissect.artifacts import chunk_blocks, open_activations, write_json_atomic
-from dissect.cluster import check_worker_paths, dask_client
+from dissect.cluster import check_worker_paths, dask_client, results_in_window
 from dissect.errors import DissectError
 from dissect.layout import RunLayout
 from dissect.models import load_model
@@ -178,22 +178,21 @@ def block_tally(store_path: str, layer: str, first: int, last: int) -> UnitTally
 
 
 def layer_tallies(client: Client, store_path: str, layers: list[str], block_mib: float) -> dict[str, UnitTally]:
-    """The tally of every layer over the valid images: block tasks of all layers at once, summed in block order.
+    """The tally of every layer over the valid images: block tasks of all layers (a bounded window), summed in block order.
 
     The blocks are ``chunk_blocks(array, block_mib)``, set by the array's
     chunking only, so the result does not depend on the cluster.
     """
     store = zarr.open_group(store_path, mode="r")
     blocks = {layer: chunk_blocks(stored_values(store, layer), block_mib) for layer in layers}
-    where = {client.submit(block_tally, store_path, layer, first, last, pure=False): (layer, number, last - first)
-             for layer in layers for number, (first, last) in enumerate(blocks[layer])}
+    calls = [(store_path, layer, first, last) for layer in layers for first, last in blocks[layer]]
+    numbers = [number for layer in layers for number in range(len(blocks[layer]))]
     parts: dict[str, dict[int, UnitTally]] = {layer: {} for layer in layers}
-    with tqdm(total=sum(images for _, _, images in where.values()), desc="audit", unit="img") as bar:
-        for future in as_completed(list(where)):
-            layer, number, images = where.pop(future)
-            parts[layer][number] = future.result()
-            future.release()
-            bar.update(images)
+    with tqdm(total=sum(last - first for _, _, first, last in calls), desc="audit", unit="img") as bar:
+        for call, part in results_in_window(client, block_tally, calls):
+            _, layer, first, last = calls[call]
+            parts[layer][numbers[call]] = part
+            bar.update(last - first)
     tallies = {}
     for layer in layers:
         array = stored_values(store, layer)

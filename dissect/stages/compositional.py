@@ -77,13 +77,12 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 import zarr
-from distributed import as_completed
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from dissect.artifacts import concept_probe_set, map_layers, open_activations, read_thresholds, write_json_atomic
 from dissect.broden import CATEGORIES, BrodenDataset, BrodenFormatError, image_concepts
-from dissect.cluster import check_worker_paths, dask_client
+from dissect.cluster import check_worker_paths, dask_client, results_in_window
 from dissect.layout import RunLayout
 from dissect.settings import CompositionalSettings, section
 from dissect.stamps import is_current, stamp_digest, start, write_stamp
@@ -754,16 +753,14 @@ def build_concept_masks(cfg: DictConfig, layout: RunLayout, broden: BrodenDatase
     skipped: list = []
     with dask_client(cfg.cluster) as client:
         check_worker_paths(client, [broden.root], writable=[layout.pack_parts])
-        block_of = {client.submit(pack_block, str(broden.root), str(part), sample[s:s + PACK_BLOCK_IMAGES], words,
-                                  bool(cfg.tally.strict), pure=False): s for s, part in zip(blocks, parts)}
+        calls = [(str(broden.root), str(part), sample[s:s + PACK_BLOCK_IMAGES], words, bool(cfg.tally.strict))
+                 for s, part in zip(blocks, parts)]
         with tqdm(total=len(sample), desc="compositional: pack masks", unit="img") as bar:
-            for future in as_completed(list(block_of)):
-                first = block_of[future]
-                rows, block_skipped = future.result()
+            for number, (rows, block_skipped) in results_in_window(client, pack_block, calls):
+                first = blocks[number]
                 annotated[first:first + len(rows)] = rows
                 skipped += block_skipped
                 bar.update(len(rows))
-                future.release()
     counts = []
     for part in parts:
         with np.load(part) as block:
@@ -868,29 +865,27 @@ def search_layer(client, job: SearchJob, n_units: int, n_images: int, names: lis
                  numbers: list[int]) -> pd.DataFrame:
     """compositional.csv of one layer: where its units fire (by blocks of images), then their search."""
     units = list(range(n_units))
-    blocks = {client.submit(find_fired, job, units, s, min(s + PACK_BLOCK_IMAGES, n_images), pure=False): s
-              for s in range(0, n_images, PACK_BLOCK_IMAGES)}
+    starts = list(range(0, n_images, PACK_BLOCK_IMAGES))
     found: dict[int, list[FiredGroups]] = {}
     with tqdm(total=n_images, desc=f"compositional {job.layer}: where units fire", unit="img") as bar:
-        for future in as_completed(list(blocks)):
-            found[blocks[future]] = future.result()
-            bar.update(min(PACK_BLOCK_IMAGES, n_images - blocks[future]))
-            future.release()
+        calls = [(job, units, s, min(s + PACK_BLOCK_IMAGES, n_images)) for s in starts]
+        for number, groups_of_block in results_in_window(client, find_fired, calls):
+            found[starts[number]] = groups_of_block
+            bar.update(min(PACK_BLOCK_IMAGES, n_images - starts[number]))
     fired = [FiredGroups.join([found[s][u] for s in sorted(found)]) for u in units]
     del found
     threads = max(1, sum(client.nthreads().values()))
     per_task = max(1, min(job.settings.units_per_task, math.ceil(n_units / (2 * threads))))
-    groups = {client.submit(shortlist_fired, job, fired[s:s + per_task], pure=False): s
-              for s in range(0, n_units, per_task)}
+    firsts = list(range(0, n_units, per_task))
     rows: dict[int, dict[str, Any]] = {}
     with tqdm(total=n_units, desc=f"compositional {job.layer}", unit="unit") as bar:
-        for future in as_completed(list(groups)):
-            first = groups[future]
-            for offset, listed in enumerate(future.result()):
+        for number, shortlists in results_in_window(client, shortlist_fired,
+                                                    ((job, fired[s:s + per_task]) for s in firsts)):
+            first = firsts[number]
+            for offset, listed in enumerate(shortlists):
                 rows[first + offset] = unit_row(first + offset, listed, names, numbers, job.settings.runner_ups)
                 fired[first + offset] = None  # type: ignore[call-overload]
-            bar.update(len(future.result()))
-            future.release()
+            bar.update(len(shortlists))
     return pd.DataFrame([rows[u] for u in units])
 
 

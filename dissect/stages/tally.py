@@ -45,13 +45,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import zarr
-from distributed import as_completed
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from dissect.artifacts import concept_probe_set, map_layers, open_activations, read_json, read_thresholds, write_json_atomic
 from dissect.broden import CATEGORIES, BrodenDataset, BrodenFormatError
-from dissect.cluster import dask_client
+from dissect.cluster import dask_client, results_in_window
 from dissect.layout import RunLayout
 from dissect.mask_cache import MaskCache, cache_name, ensure_mask_cache
 from dissect.settings import TallySettings, section
@@ -209,22 +208,15 @@ def tally_all(cfg: DictConfig, layout: RunLayout, broden: BrodenDataset, layers:
         with dask_client(cfg.cluster) as client:
             cache_path = str(ensure_mask_cache(broden, Path(str(cfg.tally.mask_cache)).resolve(), client))
             thresholds_future = client.scatter(thresholds, broadcast=True)
-            block_of = {client.submit(tally_block, store_path, cache_path, layers, thresholds_future, s,
-                                      min(s + block_images, n_images), bool(cfg.tally.strict), pure=False): s
-                        for s in todo}
+            calls = [(store_path, cache_path, layers, thresholds_future, s, min(s + block_images, n_images),
+                      bool(cfg.tally.strict)) for s in todo]
             remaining = sum(min(s + block_images, n_images) - s for s in todo)
-            first_error: BaseException | None = None
             with tqdm(total=n_images, initial=n_images - remaining, desc="tally", unit="img") as bar:
-                for future in as_completed(list(block_of)):
-                    start = block_of[future]
-                    if future.status == "error":  # keep tallying the other blocks, raise at the end
-                        first_error = first_error or future.exception()
-                    else:
-                        _save_part(parts, start, future.result())
-                    future.release()
+                # a failed block is raised after the others are tallied and kept
+                for number, block in results_in_window(client, tally_block, calls, keep_going=True):
+                    start = todo[number]
+                    _save_part(parts, start, block)
                     bar.update(min(start + block_images, n_images) - start)
-            if first_error is not None:
-                raise first_error
     return _sum_parts(parts, starts)
 
 

@@ -38,13 +38,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import zarr
-from distributed import Client, as_completed
+from distributed import Client
 from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
 from dissect.artifacts import chunk_blocks, map_layers, open_activations, read_thresholds, write_json_atomic
-from dissect.cluster import check_worker_paths, dask_client, worker_count
+from dissect.cluster import check_worker_paths, dask_client, results_in_window, worker_count
 from dissect.errors import DissectError
 from dissect.layers import get_layer
 from dissect.layout import RunLayout
@@ -113,25 +113,20 @@ def block_candidates(store_path: str, layer: str, start: int, stop: int, k: int)
 
 def layer_candidates(client: Client, store_path: str, layers: list[str], k: int,
                      block_mib: float) -> dict[str, np.ndarray]:
-    """(k', U) top-image indices of each layer (as ``top_images``), from block tasks all submitted at once."""
+    """(k', U) top-image indices of each layer (as ``top_images``), from block tasks in a bounded window."""
     store = zarr.open_group(store_path, mode="r")
-    layer_of = {}
-    for layer in layers:
-        for first, last in chunk_blocks(store[layer]["maxima"], block_mib):
-            future = client.submit(block_candidates, store_path, layer, first, last, k, pure=False)
-            layer_of[future] = layer, last - first
+    calls = [(store_path, layer, first, last, k) for layer in layers
+             for first, last in chunk_blocks(store[layer]["maxima"], block_mib)]
     best: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     total = sum(store[layer]["maxima"].shape[0] for layer in layers)
     with tqdm(total=total, desc="topk maxima", unit="img") as bar:
-        for future in as_completed(list(layer_of)):
-            layer, images = layer_of.pop(future)
-            values, indices = future.result()
+        for number, (values, indices) in results_in_window(client, block_candidates, calls):
+            _, layer, first, last, _ = calls[number]
             if layer in best:
                 values, indices = merge_candidates(np.concatenate([best[layer][0], values]),
                                                    np.concatenate([best[layer][1], indices]), k)
             best[layer] = values, indices
-            future.release()
-            bar.update(images)
+            bar.update(last - first)
     return {layer: best[layer][1] for layer in layers}
 
 
@@ -179,16 +174,14 @@ def gather_unit_maps(client: Client, store_path: str, layer: str, order: np.ndar
     """
     maps = zarr.open_group(store_path, mode="r")[layer]["maps"]
     out = np.empty((*order.shape, *maps.shape[2:]), dtype=maps.dtype)
-    pairs = {}
+    calls, chosen = [], []
     for first, last in chunk_blocks(maps, block_mib):
         ranks, units = np.nonzero((order >= first) & (order < last))
         if len(ranks):
-            future = client.submit(read_unit_maps, store_path, layer, order[ranks, units], units, pure=False)
-            pairs[future] = ranks, units
-    for future in as_completed(list(pairs)):
-        ranks, units = pairs.pop(future)
-        out[ranks, units] = future.result()
-        future.release()
+            calls.append((store_path, layer, order[ranks, units], units))
+            chosen.append((ranks, units))
+    for number, values in results_in_window(client, read_unit_maps, calls):
+        out[chosen[number]] = values
     return out
 
 
@@ -272,19 +265,17 @@ def layer_topk(client: Client, layout: RunLayout, layer: str, order: np.ndarray,
     n_units = order.shape[1]
     threads = sum(client.nthreads().values()) or worker_count(client)  # one group per thread, few images re-read
     per_task = max(1, min(MAX_UNITS_PER_TASK, math.ceil(n_units / threads)))
-    groups = {}
+    calls = []
     for first in range(0, n_units, per_task):
         units = list(range(first, min(first + per_task, n_units)))
         paths = {int(index): image_paths[int(index)] for index in np.unique(order[:, units])}
-        future = client.submit(render_strips, units, paths, order[:, units], unit_maps[:, units], thresholds[units],
-                               field, input_size, [str(layout.topk_strip(layer, unit)) for unit in units], pure=False)
-        groups[future] = units
+        calls.append((units, paths, order[:, units], unit_maps[:, units], thresholds[units], field, input_size,
+                      [str(layout.topk_strip(layer, unit)) for unit in units]))
     rows: dict[int, list[tuple]] = {}
     with tqdm(total=n_units, desc=f"topk {layer}", unit="unit") as bar:
-        for future in as_completed(list(groups)):
-            units = groups.pop(future)
-            rows[units[0]] = future.result()
-            future.release()
+        for number, strip_rows in results_in_window(client, render_strips, calls):
+            units = calls[number][0]
+            rows[units[0]] = strip_rows
             bar.update(len(units))
     records = [(unit, rank, index, image_ids[index], *rest)
                for first in sorted(rows) for unit, rank, index, *rest in rows[first]]
