@@ -304,9 +304,11 @@ def image_label_layers(broden: BrodenDataset, i: int, n_labels: int) -> tuple[np
     layers = [broden.pixel_labels(i, category) for category in PIXEL_CATEGORIES]
     stacked = np.concatenate([layer.reshape(len(layer), sh * sw) for layer in layers])
     whole_labels = np.array(sorted({n for c in IMAGE_CATEGORIES for n in broden.image_labels(i, c)}), dtype=np.int64)
-    bad = np.union1d(stacked[(stacked > n_labels) | (stacked < 0)],
-                     whole_labels[(whole_labels > n_labels) | (whole_labels < 0)])
-    if bad.size:
+    outside = [stacked.max(initial=0) > n_labels, stacked.min(initial=0) < 0,
+               whole_labels.max(initial=0) > n_labels, whole_labels.min(initial=0) < 0]
+    if any(outside):
+        bad = np.union1d(stacked[(stacked > n_labels) | (stacked < 0)],
+                         whole_labels[(whole_labels > n_labels) | (whole_labels < 0)])
         raise BrodenFormatError(f"{broden.root / 'index.csv'} image {i} ({broden.image_ids[i]}): label number(s) "
                                 f"{bad.tolist()} are not in label.csv (allowed 1..{n_labels})")
     return stacked, whole_labels

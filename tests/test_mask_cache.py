@@ -185,3 +185,12 @@ def test_a_build_on_two_worker_processes_writes_the_same_files(probe, tmp_path, 
     with np.load(here / "offsets.npz") as first, np.load(there / "offsets.npz") as second:
         for key in first.files:
             np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+
+
+@pytest.mark.parametrize("top", [1, 50, 1 << 20, 1 << 40])  # table, table at the limit, sorting beyond it
+def test_dense_ranks_equal_numpy_unique_inverse(top):
+    values = np.random.default_rng(top % 97).integers(0, top, size=5000, dtype=np.int64)
+    values[:2] = [0, top - 1]
+    expected = np.unique(values, return_inverse=True)[1].reshape(-1)
+    assert np.array_equal(mask_cache.dense_ranks(values), expected)
+    assert mask_cache.dense_ranks(np.zeros(0, dtype=np.int64)).shape == (0,)
