@@ -70,7 +70,11 @@ class RunRecord:
 def tree_rss_mib(process: psutil.Process) -> float:
     """Resident memory of ``process`` and all its descendants, MiB (0 for processes that ended meanwhile)."""
     total = 0
-    for member in [process, *process.children(recursive=True)]:
+    try:
+        members = [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:  # the process itself ended meanwhile
+        return 0.0
+    for member in members:
         try:
             total += member.memory_info().rss
         except psutil.NoSuchProcess:
