@@ -259,12 +259,14 @@ def run_shards(cfg: DictConfig, job: ShardJob, todo: list[int], n_images: int, p
         futures = [client.submit(extract_shard, job, piece, n_images, pure=False)
                    for piece in shards(todo, worker_count(client))]
         pending = set(todo)
+        chunk_of = {chunk_marker_name(chunk): chunk for chunk in todo}
         settled = _settled(futures)
         with tqdm(total=total, unit="img", desc="extract", dynamic_ncols=True) as bar:
             while True:
                 settled.wait(PROGRESS_POLL_S)  # wakes as soon as the last shard ends, not at the next poll
                 all_done = all(future.done() for future in futures)
-                finished = {chunk for chunk in pending if (markers / chunk_marker_name(chunk)).exists()}
+                # one listing, not a stat per pending chunk (63k images: 1,979 chunks, 22 ms a poll, GIL held)
+                finished = {chunk_of[name] for name in os.listdir(markers) if name in chunk_of} & pending
                 bar.update(sum(len(chunk_images(chunk, job.chunk_len, n_images)) for chunk in finished))
                 pending -= finished
                 failed = [future for future in futures if future.status == "error"]
