@@ -159,7 +159,7 @@ def main() -> None:
     print(f"umap-learn, fresh process: import {probe['import_s']:.1f} s; first fit of 200 points on the stage's "
           f"neighbour graph {probe['graph_first_s']:.1f} s (second {probe['graph_second_s']:.2f} s); on its own "
           f"NN-descent {probe['nndescent_first_s']:.1f} s more (second {probe['nndescent_second_s']:.2f} s)")
-    steps = {"pca_s": f"PCA to {PCA_COMPONENTS}", "graph_s": "neighbour graph (openTSNE's search)",
+    steps = {"pca_s": f"PCA to {PCA_COMPONENTS}", "graph_s": "neighbour graph (exact, torch)",
              "tsne_s": "t-SNE (openTSNE)", "umap_s": "UMAP (compile included)",
              "sklearn-tsne_s": "t-SNE (scikit-learn, for comparison)"}
     for size in args.sizes:

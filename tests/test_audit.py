@@ -290,6 +290,7 @@ def test_block_wise_unit_tally_equals_numpy_on_the_whole_array(tmp_path, compose
     assert tallies["conv"].fired[1] == 0
 
 
+@pytest.mark.slow  # two worker processes: about 11 s
 def test_audit_on_two_worker_processes_writes_the_same_tables_as_in_process(dead_run, tmp_path, two_workers,
                                                                             monkeypatch):
     import shutil

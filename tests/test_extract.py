@@ -111,6 +111,7 @@ def _extract_command(overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "dissect", "stages=[extract]", *overrides]
 
 
+@pytest.mark.slow  # three fresh CLI processes, one killed mid-run: about 32 s
 def test_killed_run_resumes_to_identical_arrays(tiny_checkpoint, tmp_path):
     probe = write_image_folder(tmp_path / "probe", n_images=160, size=64)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -172,6 +172,7 @@ def test_an_unwritable_cache_folder_is_a_config_error_naming_the_key(probe, tmp_
         ensure_mask_cache(BrodenDataset(probe), tmp_path / "file" / "cache")
 
 
+@pytest.mark.slow  # two worker processes: about 5 s
 def test_a_build_on_two_worker_processes_writes_the_same_files(probe, tmp_path, two_workers, monkeypatch):
     from distributed import Client
 

@@ -138,6 +138,7 @@ def copy_run(base: Path, name: str) -> Path:
     return target
 
 
+@pytest.mark.slow  # two worker processes: about 5 s
 def test_a_local_cluster_with_two_workers_gives_the_same_tally(small_run, two_workers):
     base, cfg = small_run
     default_dir, cluster_dir = copy_run(base, "default"), copy_run(base, "cluster")

@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 import torchvision
 import zarr
 from conftest import CONF_DIR, on_cluster, tiny_overrides
@@ -147,6 +148,7 @@ def test_block_wise_top_k_equals_top_images_with_planted_ties_and_invalid_images
                 np.testing.assert_array_equal(staged["layer"], expected)
 
 
+@pytest.mark.slow  # two worker processes: about 6 s
 def test_stage_on_two_worker_processes_writes_the_same_files_as_in_process(tmp_path, tiny_checkpoint, two_workers,
                                                                           monkeypatch):
     probe = generate(tmp_path / "broden", n_images=24, size=64, seed=2, workers=1)

@@ -11,8 +11,8 @@ centred rows span at most N - 1 dimensions), and the PCA features are laid out
 in 2-D by t-SNE (openTSNE: PCA initialisation, learning rate N / 12,
 Barnes-Hut below 10,000 points and FFT-accelerated interpolation above, 250 + 250 iterations, which
 grows linearly with N) and UMAP (``umap.UMAP``, initialised from the first two PCA components, as
-t-SNE is), both on one k-nearest-neighbour graph of the PCA
-features (``knn_graph``: openTSNE's exact search below 1,000 points, Annoy above), found once. The
+t-SNE is; 100 epochs above 10,000 points), both on one k-nearest-neighbour graph of the PCA
+features (``knn_graph``: exact up to 100,000 points, openTSNE's Annoy above), found once. The
 perplexity is clipped to (N - 1) / 3 (t-SNE looks at 3 * perplexity neighbours) and n_neighbors to
 N - 1. Every random choice (PCA's
 randomised solver, both layouts, the samples below) is seeded by
@@ -73,6 +73,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 import zarr
 from matplotlib import colormaps
 from matplotlib.figure import Figure
@@ -94,14 +95,19 @@ from dissect.stamps import is_current, stamp_digest, start, write_stamp
 log = logging.getLogger(__name__)
 
 #: The version of this stage's output format (2: both layouts on one shared neighbour graph; 3: UMAP starts
-#: from PCA, not a spectral embedding; t-SNE's FFT grid 2 units per interval; 4: t-SNE's second phase 250 iterations).
-FORMAT = 4
+#: from PCA, not a spectral embedding; t-SNE's FFT grid 2 units per interval; 4: t-SNE's second phase 250 iterations;
+#: 5: an exact neighbour graph up to 100,000 points, UMAP 100 epochs above 10,000).
+FORMAT = 5
 MAX_LABELS = 19  # labels with their own colour; the rest are drawn as 'other' (20 colours in all)
 THUMBNAIL_PX = 48  # side of one cell of the thumbnail maps
 NEIGHBOUR_PX = 96  # side of one image of neighbours.png
 TSNE_INTS_IN_INTERVAL = 2  # embedding units per FFT interval of openTSNE's t-SNE (see tsne_layout)
 TSNE_ITERATIONS = 250  # t-SNE iterations after the 250 of early exaggeration (openTSNE's default 500; see tsne_layout)
 FEATURE_BLOCK_ROWS = 4096  # rows of the feature matrix per block of the neighbour search
+EXACT_GRAPH_MAX_POINTS = 100_000  # up to this many points the k-nearest-neighbour graph is exact (see knn_graph)
+GRAPH_BLOCK_ELEMENTS = 2**26  # distances per block of the exact graph search (256 MiB of float32)
+UMAP_LARGE_EPOCHS = 100  # UMAP epochs above UMAP_SMALL_POINTS points (umap-learn's 200; see umap_layout)
+UMAP_SMALL_POINTS = 10_000  # at or below, umap-learn's own 500 epochs
 RANK_TOLERANCE = 1e-8  # a PCA component is informative when its variance exceeds this fraction of the first's
 
 
@@ -324,16 +330,50 @@ def graph_size(n_points: int, perplexity: float, n_neighbors: int) -> int:
 def knn_graph(reduced: np.ndarray, k: int, seed: int) -> KnnGraph:
     """(N, r) PCA features -> their k-nearest-neighbour graph, found once for both layouts.
 
-    openTSNE's search, as its t-SNE would choose it: exact (scikit-learn)
-    below 1,000 points, Annoy's seeded random-projection forests above. UMAP
-    takes the same graph instead of building its own with pynndescent, whose
-    numba compilation alone took 30-60 s per process on this machine.
+    Exact (``exact_knn_graph``) up to ``EXACT_GRAPH_MAX_POINTS`` (100,000)
+    points; above, where the exact search grows as N^2, openTSNE's Annoy
+    (seeded random-projection forests, 50 trees). On benchmarks/embed.py's
+    50,000 points (2 cores) the exact graph took 11.9-15.7 s and Annoy 14.3-36.5 s
+    (its per-point queries), with a recall of 0.991 of the exact neighbours.
+    UMAP takes the same graph instead of building its own with pynndescent,
+    whose search took 55 s at 50,000 points and its numba compilation 30-60 s
+    per process on this machine.
     """
+    if len(reduced) <= EXACT_GRAPH_MAX_POINTS:
+        return exact_knn_graph(reduced, k)
     from openTSNE.affinity import get_knn_index  # imported here: no other stage needs it
 
-    index = get_knn_index(reduced, "auto", k=k, metric="euclidean", n_jobs=os.cpu_count() or 1, random_state=seed)
+    index = get_knn_index(reduced, "annoy", k=k, metric="euclidean", n_jobs=os.cpu_count() or 1, random_state=seed)
     indices, distances = index.build()
     return KnnGraph(np.asarray(indices, dtype=np.int64), np.asarray(distances, dtype=np.float32))
+
+
+def exact_knn_graph(reduced: np.ndarray, k: int) -> KnnGraph:
+    """(N, r) -> each point's k nearest other points by Euclidean distance, exactly; ties go to the lower row.
+
+    A block of rows at a time (``GRAPH_BLOCK_ELEMENTS`` distances): the
+    candidates are the k smallest of |y|^2 - 2 x.y over all N points y (one
+    matrix product and a top-k, torch on every core), then their distances
+    are recomputed from the differences x - y (so no cancellation error
+    remains in them) and sorted.
+    """
+    points = torch.from_numpy(np.ascontiguousarray(reduced, dtype=np.float32))
+    n_points = len(points)
+    squared_norms = (points * points).sum(dim=1)
+    rows = max(1, GRAPH_BLOCK_ELEMENTS // n_points)
+    indices = np.empty((n_points, k), dtype=np.int64)
+    distances = np.empty((n_points, k), dtype=np.float32)
+    for first in range(0, n_points, rows):
+        block = points[first:first + rows]
+        own = torch.arange(len(block))
+        ranking = torch.addmm(squared_norms[None, :], block, points.T, alpha=-2)  # (rows, N)
+        ranking[own, own + first] = torch.inf
+        candidates = torch.topk(ranking, k, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
+        squared = ((block[:, None, :] - points[candidates]) ** 2).sum(dim=2)  # (rows, k)
+        squared, order = torch.sort(squared, dim=1, stable=True)
+        indices[first:first + len(block)] = torch.gather(candidates, 1, order).numpy()
+        distances[first:first + len(block)] = squared.sqrt().numpy()
+    return KnnGraph(indices, distances)
 
 
 def tsne_layout(reduced: np.ndarray, perplexity: float, seed: int, graph: KnnGraph) -> np.ndarray:
@@ -378,6 +418,8 @@ def umap_layout(reduced: np.ndarray, n_neighbors: int, min_dist: float, seed: in
     36.8 s with trustworthiness 0.979 against 0.929 (8,000 images: 11.1 against
     16.1 s, 0.995 against 0.993), as Kobak and Linderman (Nat. Biotechnol.
     2021) found PCA starts keep global structure as well as spectral ones.
+    Above ``UMAP_SMALL_POINTS`` (10,000) points it optimises for
+    ``UMAP_LARGE_EPOCHS`` (100) epochs, not umap-learn's 200 (``umap_epochs``).
     """
     import umap  # imported here: it takes seconds (numba), and no other stage needs it
 
@@ -385,10 +427,22 @@ def umap_layout(reduced: np.ndarray, n_neighbors: int, min_dist: float, seed: in
     own = np.arange(len(reduced))[:, None]
     precomputed = (np.hstack([own, indices]), np.hstack([np.zeros_like(own, dtype=np.float32), distances]))
     reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed, n_jobs=1,
-                        init="pca", precomputed_knn=precomputed)
+                        init="pca", precomputed_knn=precomputed, n_epochs=umap_epochs(len(reduced)))
     with warnings.catch_warnings():  # a precomputed graph has no search index, so no later transform()
         warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]")
         return reducer.fit_transform(reduced).astype(np.float32)
+
+
+def umap_epochs(n_points: int) -> int | None:
+    """UMAP's epochs for N points: umap-learn's own (None: 500) up to 10,000, ``UMAP_LARGE_EPOCHS`` above.
+
+    Its single-threaded optimisation grows with N x epochs and took 26.4 of
+    UMAP's 38.9 s on benchmarks/embed.py's 50,000 points. Halving umap-learn's
+    200 epochs there gave trustworthiness 0.9809 against 0.9810 in 12.4 s
+    against 26.0 s; on the 63,305 generated Broden-scale images
+    (classifier.fc1) 0.950 against 0.954, 15.2 s against 47.7 s.
+    """
+    return None if n_points <= UMAP_SMALL_POINTS else UMAP_LARGE_EPOCHS
 
 
 def trustworthiness_scores(reduced: np.ndarray, layouts: dict[str, np.ndarray], sample: int, n_neighbors: int,
