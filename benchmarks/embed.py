@@ -10,7 +10,7 @@ path (the neighbour graph given) and on umap-learn's own NN-descent path,
 which the stage no longer takes. Then, per size, one fresh process runs the
 stage's steps in order, as the stage does, compilation included: PCA, the
 k-nearest-neighbour graph shared by both layouts (``embed.knn_graph``),
-openTSNE's t-SNE, UMAP; each step's seconds, each layout's trustworthiness
+openTSNE's t-SNE (the iterations of conf/config.yaml), UMAP; each step's seconds, each layout's trustworthiness
 (PCA features against the 2-D coordinates, 10 neighbours, on the stage's
 seeded sample of 2,000 points) and the total are printed (the issue's target
 is 90 s at 50,000 points). At sizes up to ``--sklearn-max`` scikit-learn's
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -93,8 +94,9 @@ def child(method: str, size: int, dim: int) -> None:
         return
     started = time.perf_counter()
     graph = embed.knn_graph(reduced, embed.graph_size(size, PERPLEXITY, 15), seed=0)
+    phases = embed.TsnePhases.of(OmegaConf.load(REPO / "conf" / "config.yaml").embed)  # the stage's defaults
     print(json.dumps({"graph_s": time.perf_counter() - started}), flush=True)
-    for name, layout in (("tsne", lambda: embed.tsne_layout(reduced, PERPLEXITY, 0, graph)),
+    for name, layout in (("tsne", lambda: embed.tsne_layout(reduced, PERPLEXITY, 0, graph, phases)),
                          ("umap", lambda: embed.umap_layout(reduced, 15, 0.1, 0, graph))):
         started = time.perf_counter()
         coords = layout()

@@ -134,6 +134,8 @@ class EmbedSettings:
     perplexity: float = MISSING
     n_neighbors: int = MISSING
     min_dist: float = MISSING
+    tsne_early_iterations: int = MISSING
+    tsne_iterations: int = MISSING
     seed: int = MISSING
     trustworthiness_sample: int = MISSING
     trustworthiness_neighbors: int = MISSING
@@ -147,6 +149,9 @@ class EmbedSettings:
             ("perplexity", self.perplexity, self.perplexity > 0, "a number > 0 (5 to 50 is usual)"),
             ("n_neighbors", self.n_neighbors, self.n_neighbors >= 2, "an integer >= 2"),
             ("min_dist", self.min_dist, 0 <= self.min_dist <= 1, "a number in [0, 1]"),
+            ("tsne_early_iterations", self.tsne_early_iterations, self.tsne_early_iterations >= 0,
+             "an integer >= 0"),
+            ("tsne_iterations", self.tsne_iterations, self.tsne_iterations >= 1, "an integer >= 1"),
             ("seed", self.seed, 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
             ("trustworthiness_sample", self.trustworthiness_sample, self.trustworthiness_sample >= MIN_EMBED_IMAGES,
              f"an integer >= {MIN_EMBED_IMAGES}"),

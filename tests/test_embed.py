@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.datasets import make_blobs
 from sklearn.metrics import silhouette_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from conftest import tiny_overrides, write_activation_store
+from conftest import CONF_DIR, tiny_overrides, write_activation_store
 from dissect.stages import embed, extract
 from dissect.artifacts import read_json
 from dissect.broden import BrodenDataset
@@ -42,7 +43,8 @@ def blobs() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
 def layouts_of(reduced: np.ndarray) -> dict[str, np.ndarray]:
     """Both layouts of the stage's defaults (perplexity 30, 15 neighbours, seed 0) on one neighbour graph."""
     graph = embed.knn_graph(reduced, embed.graph_size(len(reduced), 30.0, 15), seed=0)
-    return {"tsne": embed.tsne_layout(reduced, 30.0, 0, graph), "umap": embed.umap_layout(reduced, 15, 0.1, 0, graph)}
+    phases = embed.TsnePhases.of(OmegaConf.load(CONF_DIR / "config.yaml").embed)
+    return {"tsne": embed.tsne_layout(reduced, 30.0, 0, graph, phases), "umap": embed.umap_layout(reduced, 15, 0.1, 0, graph)}
 
 
 @pytest.mark.parametrize("method", EMBED_METHODS)
@@ -171,6 +173,8 @@ def test_an_unextracted_layer_and_bad_settings_are_refused(tmp_path, compose_con
         embed.run(compose_config([f"out_dir={tmp_path}", "embed.layer=fc7"]))
     with pytest.raises(ConfigError, match=r"embed.perplexity=-1.0 is not allowed; it must be a number > 0"):
         embed.run(compose_config([f"out_dir={tmp_path}", "embed.perplexity=-1"]))
+    with pytest.raises(ConfigError, match=r"embed.tsne_iterations=0 is not allowed; it must be an integer >= 1"):
+        embed.run(compose_config([f"out_dir={tmp_path}", "embed.tsne_iterations=0"]))
 
 
 def test_stage_end_to_end_on_a_tiny_store(tmp_path, image_folder, tiny_checkpoint, compose_config):
@@ -218,7 +222,7 @@ def test_report_section_is_absent_without_output_and_escapes_data(tmp_path):
     layout = RunLayout(tmp_path)
     layout.embed_dir.mkdir()
     settings = {"layer": "<b>fc</b>", "pca_components": 50, "perplexity": 30.0, "n_neighbors": 15, "min_dist": 0.1,
-                "seed": 0, "trustworthiness_sample": 2000, "trustworthiness_neighbors": 10, "thumbnail_grid": 24,
+                "tsne_early_iterations": 125, "tsne_iterations": 250, "seed": 0, "trustworthiness_sample": 2000, "trustworthiness_neighbors": 10, "thumbnail_grid": 24,
                 "queries": 6, "neighbours": 6}
     used = {"pca_components": 50, "perplexity": 30.0, "n_neighbors": 15, "trustworthiness_sample": 100,
             "trustworthiness_neighbors": 10, "queries": 6, "neighbours": 6}

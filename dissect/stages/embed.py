@@ -9,7 +9,8 @@ holds: the nearest neighbours below are found on it first, then PCA
 (scikit-learn, centring the table in place) reduces them to k = min(pca_components, N - 1, D) components (N
 centred rows span at most N - 1 dimensions), and the PCA features are laid out
 in 2-D by t-SNE (openTSNE: PCA initialisation, learning rate N / 12,
-Barnes-Hut below 10,000 points and FFT-accelerated interpolation above, 250 + 250 iterations, which
+Barnes-Hut below 10,000 points and FFT-accelerated interpolation above,
+``embed.tsne_early_iterations`` + ``embed.tsne_iterations`` iterations (125 + 250), which
 grows linearly with N) and UMAP (``umap.UMAP``, initialised from the first two PCA components, as
 t-SNE is; 100 epochs above 10,000 points), both on one k-nearest-neighbour graph of the PCA
 features (``knn_graph``: exact up to 100,000 points, openTSNE's Annoy above), found once. The
@@ -102,7 +103,6 @@ MAX_LABELS = 19  # labels with their own colour; the rest are drawn as 'other' (
 THUMBNAIL_PX = 48  # side of one cell of the thumbnail maps
 NEIGHBOUR_PX = 96  # side of one image of neighbours.png
 TSNE_INTS_IN_INTERVAL = 2  # embedding units per FFT interval of openTSNE's t-SNE (see tsne_layout)
-TSNE_ITERATIONS = 250  # t-SNE iterations after the 250 of early exaggeration (openTSNE's default 500; see tsne_layout)
 FEATURE_BLOCK_ROWS = 4096  # rows of the feature matrix per block of the neighbour search
 EXACT_GRAPH_MAX_POINTS = 100_000  # up to this many points the k-nearest-neighbour graph is exact (see knn_graph)
 GRAPH_BLOCK_ELEMENTS = 2**26  # distances per block of the exact graph search (256 MiB of float32)
@@ -177,7 +177,8 @@ def run(cfg: DictConfig) -> Path:
     with timed("knn graph", seconds):
         graph = knn_graph(reduced, graph_size(n_images, used["perplexity"], used["n_neighbors"]), settings.seed)
     with timed("tsne", seconds):
-        layouts["tsne"] = tsne_layout(reduced, used["perplexity"], settings.seed, graph)
+        layouts["tsne"] = tsne_layout(reduced, used["perplexity"], settings.seed, graph,
+                                      TsnePhases.of(settings))
     with timed("umap", seconds):
         layouts["umap"] = umap_layout(reduced, used["n_neighbors"], settings.min_dist, settings.seed, graph)
     with timed("trustworthiness", seconds):
@@ -376,7 +377,21 @@ def exact_knn_graph(reduced: np.ndarray, k: int) -> KnnGraph:
     return KnnGraph(indices, distances)
 
 
-def tsne_layout(reduced: np.ndarray, perplexity: float, seed: int, graph: KnnGraph) -> np.ndarray:
+@dataclass(frozen=True)
+class TsnePhases:
+    """Iterations of t-SNE's two phases: early exaggeration (12, openTSNE's), then none."""
+
+    early: int
+    late: int
+
+    @staticmethod
+    def of(embed_settings: Any) -> "TsnePhases":
+        """The phases an ``embed`` config section (``EmbedSettings`` or the YAML's section) asks for."""
+        return TsnePhases(int(embed_settings.tsne_early_iterations), int(embed_settings.tsne_iterations))
+
+
+def tsne_layout(reduced: np.ndarray, perplexity: float, seed: int, graph: KnnGraph,
+                phases: TsnePhases) -> np.ndarray:
     """(N, r) -> (N, 2) float32 t-SNE coordinates (openTSNE: PCA init, learning rate 'auto', BH or FFT by N).
 
     The affinities come from the first 3 x perplexity neighbours of ``graph``
@@ -386,12 +401,18 @@ def tsne_layout(reduced: np.ndarray, perplexity: float, seed: int, graph: KnnGra
     interval, not openTSNE's 1: it only matters once the layout spans more than
     100 units (below, openTSNE keeps its minimum of 50 intervals), and on
     63,305 Broden-scale images (a layout 234 units wide) it halved t-SNE's time,
-    168.5 -> 83.7 s, with trustworthiness 0.956 -> 0.955. After the 250
-    iterations of early exaggeration it runs ``TSNE_ITERATIONS`` (250), not
-    openTSNE's 500: on benchmarks/embed.py's 50,000 mixture points the KL
-    divergence fell only 3.66 -> 3.62 over the last 250 and trustworthiness
+    168.5 -> 83.7 s, with trustworthiness 0.956 -> 0.955.
+
+    ``phases`` (config ``embed.tsne_early_iterations``, ``embed.tsne_iterations``)
+    default to 125 and 250, not openTSNE's 250 and 500; the learning rate N / 12
+    (Belkina et al., Nat. Commun. 2019) lets both phases converge sooner. On
+    benchmarks/embed.py's 50,000 mixture points the KL divergence fell only
+    3.66 -> 3.62 over the last 250 of 500 late iterations and trustworthiness
     was 0.9847 at 250 against 0.9842 at 500 (10,000 points: 0.9863 against
-    0.9864), while those iterations took a third of the stage.
+    0.9864); 125 early iterations instead of 250 took t-SNE from 41.5 to 24.9 s
+    there at trustworthiness 0.9844 -> 0.9845, and on the 63,305 generated
+    Broden-scale images (classifier.fc1) from 75.2 to 43.5 s at 0.9545 -> 0.9536
+    (README, "Broden-scale runs").
     """
     from openTSNE import TSNE
     from openTSNE.affinity import PerplexityBasedNN
@@ -401,7 +422,8 @@ def tsne_layout(reduced: np.ndarray, perplexity: float, seed: int, graph: KnnGra
     affinities = PerplexityBasedNN(perplexity=perplexity, knn_index=neighbours, n_jobs=os.cpu_count() or 1,
                                    random_state=seed)
     tsne = TSNE(n_components=2, perplexity=perplexity, initialization="pca", learning_rate="auto",
-                ints_in_interval=TSNE_INTS_IN_INTERVAL, n_iter=TSNE_ITERATIONS, n_jobs=os.cpu_count() or 1,
+                ints_in_interval=TSNE_INTS_IN_INTERVAL, early_exaggeration_iter=phases.early,
+                n_iter=phases.late, n_jobs=os.cpu_count() or 1,
                 random_state=seed, verbose=False)
     return np.asarray(tsne.fit(reduced, affinities=affinities), dtype=np.float32)
 
