@@ -14,6 +14,11 @@ model comes (contiguous memory, ``bare``) and once with model and images in
 channels-last memory order (``bare CL``), the order the stage runs in.
 ``ratio`` is stream / bare (the issue's target is >= 0.9); ``ratio CL`` is
 stream / bare CL, what decoding and writing cost against the same forward pass.
+After each model's last run, the stored codec (``extract.COMPRESSOR``) is
+set against other Blosc settings on the first chunk of every map array:
+compression ratio and single-threaded encode and decode milliseconds per
+image (CPU work, which machine load hardly changes: the forward pass uses
+every core, so what the writes cost comes out of it).
 Stage and bare loop alternate ``--repeats`` times and the best of each counts,
 so that a moment of load from other processes shows in neither; the load
 average is printed with each row. The embedded model (``default``) loads its
@@ -129,6 +134,38 @@ def stage(model: str, probe: Path, out: Path, batch_size: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+#: Blosc settings (cname, clevel, shuffle) set against the stored codec; shuffle 0 none, 1 byte, 2 bit.
+CODECS = [("lz4", 1, 0), ("lz4", 1, 1), ("lz4", 5, 1), ("lz4", 5, 2), ("zstd", 1, 1)]
+
+
+def codec_rows(store: Path) -> list[str]:
+    """Per map array of ``store`` and Blosc setting: ratio, encode and decode ms per image (first chunk, one thread)."""
+    import zarr
+    from numcodecs import Blosc
+
+    Blosc.use_threads = False
+    root = zarr.open_group(store, mode="r")
+    rows = []
+    for layer in root.attrs["layer_order"]:
+        if "maps" not in root[layer]:
+            continue
+        maps = root[layer]["maps"]
+        chunk = maps[:maps.chunks[0]]
+        for cname, clevel, shuffle in CODECS:
+            codec = Blosc(cname=cname, clevel=clevel, shuffle=shuffle)
+            started = time.process_time()
+            for _ in range(3):
+                encoded = codec.encode(chunk)
+            encode_ms = (time.process_time() - started) / 3 * 1e3 / len(chunk)
+            started = time.process_time()
+            for _ in range(3):
+                codec.decode(encoded)
+            decode_ms = (time.process_time() - started) / 3 * 1e3 / len(chunk)
+            rows.append(f"{layer:>16} {str(chunk.shape[1:]):>15} {cname:>5} {clevel:>6} {shuffle:>7} "
+                        f"{chunk.nbytes / len(encoded):>6.2f} {encode_ms:>10.3f} {decode_ms:>10.3f}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["default", "alexnet"])
@@ -162,7 +199,8 @@ def main() -> None:
                     out = Path(scratch) / f"run-{model}{n_images}-{repeat}"
                     runs.append(stage(model, probe, out, args.batch_size))
                     store_mib = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
-                    shutil.rmtree(out)
+                    if repeat < args.repeats - 1 or n_images != args.sizes[-1]:
+                        shutil.rmtree(out)
                     loads.append(os.getloadavg()[0])
                 best = max(runs, key=lambda run: n_images / run["stream_seconds"])
                 stage_rate = max(n_images / run["seconds"] for run in runs)
@@ -172,6 +210,14 @@ def main() -> None:
                       f"{best['peak_rss_mib']:>13.0f} "
                       f"{best['peak_rss_children_mib']:>13.0f} {store_mib:>10.1f} "
                       f"{min(loads):>5.2f}-{max(loads):<5.2f}", flush=True)
+            from dissect.stages.extract import COMPRESSOR
+
+            print(f"\n{model}: stored codec {COMPRESSOR.to_dict()['configuration']}; others on the first chunk of each"
+                  " map array (shuffle 0 none, 1 byte, 2 bit; ms per image, one thread)")
+            print(f"{'layer':>16} {'map':>15} {'codec':>5} {'clevel':>6} {'shuffle':>7} {'ratio':>6} "
+                  f"{'encode ms':>10} {'decode ms':>10}")
+            print("\n".join(codec_rows(out / "activations.zarr")), flush=True)
+            shutil.rmtree(out)
 
 
 if __name__ == "__main__":
