@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, REPO, on_cluster, tiny_overrides, write_image_folder
 from dissect.artifacts import open_activations, read_json
-from dissect.cluster import ClusterError, check_worker_paths, cluster_settings, slurm_cluster
+from dissect.cluster import ClusterError, check_worker_paths, cluster_settings, open_client, slurm_cluster
 from dissect.errors import ConfigError
 from dissect.layout import RunLayout
 from dissect.stages import extract
@@ -124,6 +124,12 @@ def test_cluster_settings_name_the_wrong_key(compose_config):
     assert cluster_settings(compose_config(["cluster=address", "cluster.address=tcp://10.0.0.1:8786"]).cluster).address
 
 
+def test_workers_run_no_profiler_without_a_dashboard(compose_config):
+    with open_client(cluster_settings(compose_config([]).cluster)) as client:
+        running = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+    assert running and not any(running.values())
+
+
 def test_slurm_job_script_carries_the_asked_resources(compose_config):
     cfg = compose_config(["cluster=slurm", "cluster.queue=gpu", "cluster.account=vision", "cluster.memory=48GB",
                           "cluster.walltime=04:30:00", "cluster.gpus_per_job=1", "cluster.cores=6",
@@ -143,6 +149,7 @@ def test_slurm_job_script_carries_the_asked_resources(compose_config):
     assert "#SBATCH --cpus-per-task=6" in directives
     body = script.split("\n")
     assert "module load cuda" in body and "export DASK_DISTRIBUTED__WORKER__DAEMON=False" in body
+    assert "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False" in body  # no dashboard, no profiler
     assert "--nworkers 2" in script and "--nthreads 3" in script
 
 
