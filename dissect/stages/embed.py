@@ -412,7 +412,7 @@ def tsne_layout(reduced: np.ndarray, perplexity: float, seed: int, graph: KnnGra
     0.9864); 125 early iterations instead of 250 took t-SNE from 41.5 to 24.9 s
     there at trustworthiness 0.9844 -> 0.9845, and on the 63,305 generated
     Broden-scale images (classifier.fc1) from 75.2 to 43.5 s at 0.9545 -> 0.9536
-    (README, "embed").
+    (README, "The representation map").
     """
     from openTSNE import TSNE
     from openTSNE.affinity import PerplexityBasedNN

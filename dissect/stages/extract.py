@@ -94,9 +94,10 @@ MAX_PENDING_WRITES = 4
 PREFETCH_BATCHES = 2
 #: Seconds between two looks at the chunk markers, which drive the progress bar.
 PROGRESS_POLL_S = 0.25
-#: lz4 at level 1 without a shuffle filter: on the embedded model's float16 ReLU maps (half of them zeros) it
-#: packed 1.92x at 0.054 ms per image of relu3 against bitshuffle + lz4 5's 1.75x at 0.193 ms, and decoded 7x
-#: faster (0.018 against 0.123 ms), which every later stage reads (benchmarks/extract.py, README "What costs time")
+#: LZ4 at level 1 without a shuffle filter: on the embedded model's float16 ReLU maps (about half zeros) it
+#: packed relu3 1.87x at 0.061 ms per image of one-thread encoding against bit-shuffle + level 5's 1.71x at
+#: 0.173 ms, and decoded in 0.026 against 0.073 ms, which every later stage reads (benchmarks/extract.py prints
+#: the comparison; README, "Run directory and Zarr layout")
 COMPRESSOR = BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")
 
 
