@@ -9,11 +9,14 @@ workers if any, are reported apart, with the pages they share with it) and
 prints its images/s over the whole stage (model set-up included) and over its
 stream (decode, forward, Zarr writes), next to a bare ``model(x)`` loop over the
 same images, already decoded and normalised, with the same batch size and torch
-threads, the model in eval mode under ``torch.inference_mode``: once as the
-model comes (contiguous memory, ``bare``) and once with model and images in
-channels-last memory order (``bare CL``), the order the stage runs in.
-``ratio`` is stream / bare (the issue's target is >= 0.9); ``ratio CL`` is
-stream / bare CL, what decoding and writing cost against the same forward pass.
+threads, the model in eval mode under ``torch.inference_mode``, each in a fresh
+process too: as the model comes (contiguous memory, ``bare``) and with model
+and images in channels-last memory order (``bare CL``), the order the stage
+runs in, each both as it is and inside ``dissect.heap.retained_heap`` as the
+stage's CPU forward pass runs (``heap``, ``CL heap``: the stream's ceiling).
+``ratio`` is stream / bare (the issue's target is >= 0.9); ``ratio heap``
+stream / heap, against a loop with the stage's heap settings; ``ratio CL``
+stream / CL heap, what decoding and writing cost against the same forward pass.
 After each model's last run, the stored codec (``extract.COMPRESSOR``) is
 set against other Blosc settings on the first chunk of every map array:
 compression ratio and single-threaded encode and decode milliseconds per
@@ -35,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import CONF_DIR, write_image_folder  # noqa: E402
+
+from dissect.heap import retained_heap  # noqa: E402
 
 
 def compose(overrides: list[str]):
@@ -60,7 +66,12 @@ def overrides(model: str, probe: Path, out_dir: Path, batch_size: int) -> list[s
 
 
 def child(args: argparse.Namespace) -> None:
-    """Run one extract stage and print its time and peak memory as JSON."""
+    """Run one extract stage (``--child stage``) or bare loop and print its results as JSON."""
+    if args.child != "stage":
+        print(json.dumps({"images_per_s": bare_forward(args.model, Path(args.probe), args.batch_size,
+                                                       channels_last="-cl" in args.child,
+                                                       heap=args.child.endswith("-heap"))}))
+        return
     from dissect.stages.extract import run
 
     cfg = compose(overrides(args.model, Path(args.probe), Path(args.out), args.batch_size))
@@ -85,10 +96,11 @@ def own_peak_rss_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def bare_forward(model: str, probe: Path, batch_size: int, channels_last: bool) -> float:
+def bare_forward(model: str, probe: Path, batch_size: int, channels_last: bool, heap: bool) -> float:
     """images/s of ``model(x)`` over the probe images, decoded and normalised beforehand, batch by batch.
 
     ``channels_last``: model and images in that memory order (as the stage runs them), else contiguous.
+    ``heap``: the loop runs inside ``dissect.heap.retained_heap``, as the stage's CPU forward pass does.
 
     The loop runs in a thread of its own, as the stage's forward pass does (in
     a dask worker thread): here the main thread's loop was up to 2x slower
@@ -113,7 +125,7 @@ def bare_forward(model: str, probe: Path, batch_size: int, channels_last: bool) 
 
     def loop() -> None:
         torch.set_num_threads(threads)
-        with torch.inference_mode():
+        with torch.inference_mode(), retained_heap() if heap else nullcontext():
             module(batches[0])  # warm-up
             started = time.perf_counter()
             for images in batches:
@@ -126,12 +138,16 @@ def bare_forward(model: str, probe: Path, batch_size: int, channels_last: bool) 
     return len(paths) / seconds[0]
 
 
-def stage(model: str, probe: Path, out: Path, batch_size: int) -> dict:
-    """Run the extract stage on ``probe`` into ``out`` in a fresh process; its timings and peak memory."""
-    result = subprocess.run([sys.executable, __file__, "--child", "--models", model, "--probe", str(probe),
+def in_child(what: str, model: str, probe: Path, out: Path, batch_size: int) -> dict:
+    """Run ``what`` (the extract stage on ``probe`` into ``out``, or a bare loop) in a fresh process; its results."""
+    result = subprocess.run([sys.executable, __file__, "--child", what, "--models", model, "--probe", str(probe),
                              "--out", str(out), "--batch-size", str(batch_size)],
                             cwd=REPO, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+#: The bare loops, each in a fresh process (glibc's heap state from one would carry into the next).
+BARE_LOOPS = ("bare", "bare-heap", "bare-cl", "bare-cl-heap")
 
 
 #: Blosc settings (cname, clevel, shuffle) set against the stored codec; shuffle 0 none, 1 byte, 2 bit.
@@ -172,7 +188,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("stage", *BARE_LOOPS), help=argparse.SUPPRESS)
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -181,10 +197,12 @@ def main() -> None:
         child(args)
         return
     print(f"batch_size={args.batch_size} torch threads={torch.get_num_threads()} cores={os.cpu_count()}")
-    print(f"best of {args.repeats}, alternating: bare: a model(x) loop; stage: the whole extract stage, model set-up"
-          " included; stream: its image loop (decode, forward, Zarr writes); ratio: stream / bare")
-    print(f"{'model':>8} {'images':>7} {'bare img/s':>11} {'bare CL':>8} {'stage img/s':>12} {'stream img/s':>13} "
-          f"{'ratio':>6} {'ratio CL':>8} {'peak RSS MiB':>13} {'children MiB':>13} {'store MiB':>10} {'load':>11}")
+    print(f"best of {args.repeats}, alternating: bare: a model(x) loop; CL: channels-last; heap: in retained_heap;"
+          " stage: the whole extract stage, model set-up included; stream: its image loop (decode, forward, Zarr"
+          " writes); ratio: stream / bare; ratio heap: stream / heap; ratio CL: stream / CL heap")
+    print(f"{'model':>8} {'images':>7} {'bare img/s':>11} {'heap':>6} {'bare CL':>8} {'CL heap':>8} "
+          f"{'stage img/s':>12} {'stream img/s':>13} {'ratio':>6} {'ratio heap':>10} {'ratio CL':>8} "
+          f"{'peak RSS MiB':>13} {'children MiB':>13} {'store MiB':>10} {'load':>11}")
     with tempfile.TemporaryDirectory() as scratch:
         for model in args.models:
             # Probe images are stored at the model's input size, as Broden is (broden1_227 for AlexNet).
@@ -192,12 +210,13 @@ def main() -> None:
             for n_images in args.sizes:
                 probe = write_image_folder(Path(scratch) / f"{model}{n_images}", n_images, size=input_size,
                                            seed=n_images, png_every=0)
-                bare, bare_cl, runs, loads = [], [], [], [os.getloadavg()[0]]
+                bare: dict[str, list[float]] = {what: [] for what in BARE_LOOPS}
+                runs, loads = [], [os.getloadavg()[0]]
                 for repeat in range(args.repeats):
-                    bare.append(bare_forward(model, probe, args.batch_size, channels_last=False))
-                    bare_cl.append(bare_forward(model, probe, args.batch_size, channels_last=True))
+                    for what in BARE_LOOPS:
+                        bare[what].append(in_child(what, model, probe, Path("unused"), args.batch_size)["images_per_s"])
                     out = Path(scratch) / f"run-{model}{n_images}-{repeat}"
-                    runs.append(stage(model, probe, out, args.batch_size))
+                    runs.append(in_child("stage", model, probe, out, args.batch_size))
                     store_mib = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
                     if repeat < args.repeats - 1 or n_images != args.sizes[-1]:
                         shutil.rmtree(out)
@@ -205,8 +224,11 @@ def main() -> None:
                 best = max(runs, key=lambda run: n_images / run["stream_seconds"])
                 stage_rate = max(n_images / run["seconds"] for run in runs)
                 stream = n_images / best["stream_seconds"]
-                print(f"{model:>8} {n_images:>7} {max(bare):>11.1f} {max(bare_cl):>8.1f} {stage_rate:>12.1f} "
-                      f"{stream:>13.1f} {stream / max(bare):>6.2f} {stream / max(bare_cl):>8.2f} "
+                bare_best = {what: max(rates) for what, rates in bare.items()}
+                print(f"{model:>8} {n_images:>7} {bare_best['bare']:>11.1f} {bare_best['bare-heap']:>6.1f} "
+                      f"{bare_best['bare-cl']:>8.1f} {bare_best['bare-cl-heap']:>8.1f} {stage_rate:>12.1f} "
+                      f"{stream:>13.1f} {stream / bare_best['bare']:>6.2f} {stream / bare_best['bare-heap']:>10.2f} "
+                      f"{stream / bare_best['bare-cl-heap']:>8.2f} "
                       f"{best['peak_rss_mib']:>13.0f} "
                       f"{best['peak_rss_children_mib']:>13.0f} {store_mib:>10.1f} "
                       f"{min(loads):>5.2f}-{max(loads):<5.2f}", flush=True)

@@ -48,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,7 @@ from dissect.cluster import (
 )
 from dissect.devices import pick_device
 from dissect.errors import DissectError
+from dissect.heap import retained_heap
 from dissect.layers import LayerRecorder, get_layer, layer_kind
 from dissect.layout import RunLayout, chunk_marker_name
 from dissect.models import LoadedModel, load_model
@@ -345,8 +346,10 @@ def extract_shard(job: ShardJob, chunks: list[int], n_images: int) -> str:
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer")
     pending: list[Future] = []
     buffer = ChunkBuffer()
+    # on the CPU the forward pass's freed outputs stay in the heap for the next batch (dissect.heap)
+    heap = retained_heap() if state.device.type == "cpu" else nullcontext()
     try:
-        with device_lock(), LayerRecorder(state.module, [s.name for s in job.specs], dtype=torch.float16,
+        with device_lock(), heap, LayerRecorder(state.module, [s.name for s in job.specs], dtype=torch.float16,
                                           stop_early=True) as recorder, \
                 image_batches(state, batches, loader_workers(job.num_workers, state.device)) as loader:
             for indices, images, errors in loader:
@@ -380,8 +383,8 @@ def decoding_plan(device: torch.device) -> tuple[int, int]:
     model's threads, and every parallel region of the forward pass then waits
     for that thread (the embedded model, batch 32, 512 images: 271-351 images/s
     decoded one thread ahead against 356-366 decoded just before by 2 threads;
-    README, "What costs time"). Beside a GPU the cores are free: every core
-    decodes, ``PREFETCH_BATCHES`` ahead.
+    README, "Tests and benchmarks", the extract paragraph). Beside a GPU the
+    cores are free: every core decodes, ``PREFETCH_BATCHES`` ahead.
     """
     if device.type == "cpu":
         return 0, torch.get_num_threads()
