@@ -6,12 +6,13 @@ one (a dask worker thread), glibc serves it from a per-thread arena made of
 64 MiB heaps, and by default hands a heap back to the system as soon as it is
 all free, and its top as soon as it passes the (dynamic) trim threshold; the
 next batch then faults every page in again. Measured on the embedded model
-(this project's 2-core VM, 2026-12-04, 1,024 images, batch 32): inside the
-extract stream about 120,000-160,000 minor page faults in the forward thread
-alone and a forward pass of 1.5-2.1 s; with ``retained_heap`` about 29,000
-and 1.4-1.6 s. The same loop outside the stage flips between the two states
-from run to run (4,700 or 195,000 faults), which is why bare forward loops
-swing by up to 1.5x here.
+(this project's 2-core VM, 2026-12-04, 1,024 images, batch 32, six
+alternating runs each): inside the extract stream 106,000-153,000 minor page
+faults in the forward thread alone, a forward pass of 1.75-2.02 s and a
+stream of 2.44-2.73 s; with ``retained_heap`` 38,000-52,000 faults,
+1.48-1.75 s and 2.25-2.44 s. A bare loop outside the stage flips between
+the two states from run to run (4,700 or 195,000 faults), which is why bare
+forward loops swing by up to 1.5x here.
 
 Two settings together do it (each alone made it worse: setting either turns
 off glibc's dynamic thresholds): an mmap threshold at glibc's largest
