@@ -29,8 +29,10 @@ A worker loads the model once (``dissect.cluster.worker_state``) on its own
 device (``extract.device=auto``: its GPU when it has one, float16 autocast when
 ``extract.amp``), decodes its shard's images (``extract.num_workers`` loader
 processes, or with none threads of the worker: ``dissect.probe.ThreadedBatches``,
-as ``decoding_plan`` says), runs model and images channels-last, and writes each chunk whole straight into the shared store, then
-its marker. Batches start at chunk boundaries, so they are the same whoever
+as ``decoding_plan`` says), runs model and images channels-last (on the CPU
+inside ``dissect.heap.retained_heap``, which keeps the freed layer outputs for
+the next batch), and writes each chunk whole straight into the shared store,
+then its marker. Batches start at chunk boundaries, so they are the same whoever
 runs them and the arrays are identical to a single-process run. A killed run,
 or a worker lost mid-shard (dask runs the shard again elsewhere), recomputes
 only the chunks without a marker.
