@@ -11,8 +11,8 @@ alternating runs each): inside the extract stream 106,000-153,000 minor page
 faults in the forward thread alone, a forward pass of 1.75-2.02 s and a
 stream of 2.44-2.73 s; with ``retained_heap`` 38,000-52,000 faults,
 1.48-1.75 s and 2.25-2.44 s. A bare loop outside the stage flips between
-the two states from run to run (4,700 or 195,000 faults), which is why bare
-forward loops swing by up to 1.5x here.
+the two states from run to run (4,700 or 195,000 faults), a likely cause of
+the 1.5x swings of bare forward loops here.
 
 Two settings together do it (each alone made it worse: setting either turns
 off glibc's dynamic thresholds): an mmap threshold at glibc's largest
@@ -33,6 +33,7 @@ Elsewhere than glibc (macOS, musl) this does nothing.
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import platform
 import threading
@@ -54,7 +55,8 @@ _LOCK = threading.Lock()
 _HOLDERS = [0]
 
 
-def _libc() -> ctypes.CDLL | None:
+@functools.cache
+def glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc (which has ``mallopt`` and ``malloc_trim``), else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
@@ -73,7 +75,7 @@ def retained_heap() -> Iterator[bool]:
     Nested or concurrent holders share the settings; the last one out restores
     them and trims the heaps (see the module docstring).
     """
-    libc = _libc()
+    libc = glibc()
     if libc is None:
         yield False
         return

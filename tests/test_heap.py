@@ -4,23 +4,23 @@ Each case runs in a fresh interpreter: glibc's malloc settings are process-wide
 and the dynamic ones cannot be put back, so they must not leak into other tests.
 A thread (not the main one, as the extract stage's forward pass) mallocs three
 16 MiB blocks, writes every page, frees them, and does it again: a forward
-pass's outputs in miniature; then six at once, more than one heap holds. The counts are glibc's rules worked by hand: by
-default a block of a size that was freed mmapped before (16 MiB here, the
+pass's outputs in miniature; then six at once, more than one heap holds. The
+counts are glibc's rules worked by hand: by default a block of a size that was freed mmapped before (16 MiB here, the
 dynamic mmap threshold after the first round) is mmapped again, so every round
 faults in all 3 x 4,096 pages; retained, the blocks come from the thread's
 64 MiB heap, which is kept, so rounds after the first fault in almost nothing.
 """
 
 import json
-import platform
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="dissect.heap changes glibc's malloc only")
+from dissect.heap import glibc
+
+pytestmark = pytest.mark.skipif(glibc() is None, reason="dissect.heap changes glibc's malloc only")
 
 BLOCK = 16 * 2**20
 PAGES_PER_ROUND = 3 * BLOCK // 4096
