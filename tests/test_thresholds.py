@@ -8,7 +8,8 @@ from dissect.artifacts import read_json, read_thresholds
 from dissect.errors import ArtifactError
 from dissect.layout import RunLayout
 from dissect.errors import ConfigError
-from dissect.stages.thresholds import key_values, order_keys, quantile_rank, run
+from dissect.stages.thresholds import (KEYS, keep_top, key_values, keys_at_descending, merge_top_counts, order_keys,
+                                       quantile_rank, run, unit_key_counts)
 
 
 @pytest.mark.parametrize("quantile", [0.005, 0.1, 0.5, 1e-6])
@@ -55,17 +56,18 @@ def tied_long_tail_maps(rng: np.random.Generator) -> np.ndarray:
 
 
 @pytest.mark.parametrize("quantile", [0.005, 0.1, 0.5, 0.999])
-def test_radix_select_under_a_tiny_budget_equals_numpy_quantile_on_ties_and_a_long_tail(tmp_path, compose_config,
-                                                                                       quantile):
+@pytest.mark.parametrize("memory_mib, method", [("1024", "top-m counts"), ("1e-6", "radix select")])
+def test_both_methods_equal_numpy_quantile_on_ties_and_a_long_tail(tmp_path, compose_config, quantile, memory_mib,
+                                                                   method):
     maps = tied_long_tail_maps(np.random.default_rng(4))
     valid = np.ones(60, bool)
     valid[[0, 33]] = False
     maps[~valid] = 60000.0  # must not count
     write_activation_store(tmp_path, [f"i{k}" for k in range(60)], {"conv": maps}, valid)
     run(compose_config([f"out_dir={tmp_path}", "layers=[conv]", f"thresholds.quantile={quantile}",
-                        "thresholds.block_images=9", "thresholds.memory_mib=1e-6"]))
+                        "thresholds.block_images=9", f"thresholds.memory_mib={memory_mib}"]))
     layout = RunLayout(tmp_path)
-    assert read_json(layout.thresholds_json("conv"))["method"] == "radix select"
+    assert read_json(layout.thresholds_json("conv"))["method"] == method
     stored = maps.astype(np.float16)[valid]
     assert np.isfinite(stored).all()
     expected = np.quantile(np.moveaxis(stored, 1, 0).reshape(5, -1).astype(np.float64), 1 - quantile, axis=1)
@@ -73,25 +75,52 @@ def test_radix_select_under_a_tiny_budget_equals_numpy_quantile_on_ties_and_a_lo
     np.testing.assert_array_equal(read_thresholds(layout, "conv"), expected)
 
 
-def test_the_default_budget_keeps_the_top_m_merge_and_the_budget_changes_no_stamp(tmp_path, compose_config):
+def test_the_budget_picks_the_method_at_the_counts_peak_and_changes_no_stamp(tmp_path, compose_config):
     maps = tied_long_tail_maps(np.random.default_rng(5))
     write_activation_store(tmp_path, [f"i{k}" for k in range(60)], {"conv": maps})
     layout = RunLayout(tmp_path)
-    base = [f"out_dir={tmp_path}", "layers=[conv]", "thresholds.quantile=0.02"]
+    base = [f"out_dir={tmp_path}", "layers=[conv]", "thresholds.quantile=0.02", "thresholds.block_images=7"]
     run(compose_config(base))
     how = read_json(layout.thresholds_json("conv"))
+    assert (how["method"], how["memory_mib"]) == ("top-m counts", 1024)
     m = 60 * 36 - int(np.floor(0.98 * (60 * 36 - 1)))  # order statistics from the interpolation point up
-    assert (how["method"], how["memory_mib"]) == ("top-m merge", 1024)
-    assert how["top_m_peak_mib"] == pytest.approx(7 * 5 * m * 4 / 2**20)
+    # a merge holds two inputs of at most 5 units x m distinct values, 80 bytes per entry
+    assert 0 < how["counts_peak_mib"] <= 80 * 2 * 5 * m / 2**20
     exact = read_thresholds(layout, "conv")
     stamp = layout.stamp("thresholds", "conv").read_bytes()
     run(compose_config(base + ["thresholds.memory_mib=1e-6"]))  # skipped: the budget is not an input
     assert layout.stamp("thresholds", "conv").read_bytes() == stamp
-    assert read_json(layout.thresholds_json("conv"))["method"] == "top-m merge"
-    layout.stamp("thresholds", "conv").unlink()
-    run(compose_config(base + ["thresholds.memory_mib=1e-6"]))
-    assert read_json(layout.thresholds_json("conv"))["method"] == "radix select"
-    np.testing.assert_array_equal(read_thresholds(layout, "conv"), exact)
+    assert read_json(layout.thresholds_json("conv"))["method"] == "top-m counts"
+    for budget, method in ((how["counts_peak_mib"], "top-m counts"), (how["counts_peak_mib"] * 0.999, "radix select")):
+        layout.stamp("thresholds", "conv").unlink()
+        run(compose_config(base + [f"thresholds.memory_mib={budget!r}"]))
+        assert read_json(layout.thresholds_json("conv"))["method"] == method
+        np.testing.assert_array_equal(read_thresholds(layout, "conv"), exact)
+
+
+def test_top_counts_merged_block_by_block_give_the_sorted_order_statistics():
+    rng = np.random.default_rng(6)
+    n_units, m = 3, 700
+    values = np.float16([-65504, -2, -0.0, 0, 6e-8, 0.5, 1, 3, 7.5, 1000, 65504])
+    # ties everywhere, float16's extremes; blocks smaller and larger than m, one without a valid image
+    blocks = [rng.choice(values, size=(n_units, n)) for n in (0, 50, 400, 1, 900, 300)]
+    merged = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    for block in blocks:
+        codes = np.concatenate([np.flatnonzero(unit_key_counts(row)) + u * KEYS for u, row in enumerate(block)])
+        counts = np.concatenate([unit_key_counts(row)[unit_key_counts(row) > 0] for row in block])
+        merged = merge_top_counts(merged, keep_top(codes, counts, m), m)
+    every = np.concatenate(blocks, axis=1).astype(np.float64)
+    descending = -np.sort(-every, axis=1)
+    positions = np.array([0, 1, 250, m - 2, m - 1])
+    keys = keys_at_descending(*merged, n_units, positions)
+    np.testing.assert_array_equal(key_values(keys).astype(np.float64), descending[:, positions])
+
+
+def test_unit_key_counts_equal_counting_the_keys_of_every_value():
+    values = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    values = np.repeat(values[~np.isnan(values)], np.random.default_rng(7).integers(0, 3, 2**16 - 2046))
+    expected = np.bincount(order_keys(values), minlength=2**16)  # -0.0 counted as +0.0
+    np.testing.assert_array_equal(unit_key_counts(values), expected)
 
 
 def test_order_keys_sort_like_the_float16_values_and_invert():

@@ -7,35 +7,42 @@ over all valid images and all spatial positions. It equals
 values: numpy's formula between the order statistics at ascending ranks lo and
 lo + 1 (``quantile_rank``). No layer is ever loaded whole; the work runs on the
 run's dask cluster in tasks of ``thresholds.block_images`` images. Two methods
-find those order statistics, chosen per layer by ``thresholds.memory_mib``:
+find those order statistics, within the budget ``thresholds.memory_mib``:
 
-- **top-m merge** (one pass over the maps): each block contributes its top m
-  values per unit, m = n_values - lo the number of order statistics from rank
-  lo up, and the client merges the blocks as they finish, keeping the top m.
-  The merge holds up to ``EXACT_PEAK_COPIES`` x U x m float32 values at its
-  peak (the kept top m, whose partition keeps 2m alive, a block's top m, their
-  concatenation and its partition), which grows with the number of images
-  (m is about quantile x images x h x w). Used when that peak fits the budget.
-  Beside it, the workers hold at most a window of twice their threads of
-  block results (U x min(m, block values) float32 each) waiting to be merged.
-- **radix select** (two passes, otherwise): the float16 values are mapped to
+- **top-m counts** (one pass over the maps, tried first): each block counts,
+  per unit, how often each float16 value occurs among its m largest values
+  (m = n_values - lo, the number of order statistics from rank lo up): a
+  ``bincount`` of the raw 16-bit patterns, read in value order
+  (``unit_key_counts``), then the distinct values that hold those m
+  (``keep_top``). The client adds each block's counts to its own as blocks
+  finish and keeps those of the m largest values again (``merge_top_counts``);
+  the order statistics are read off the kept counts (``keys_at_descending``).
+  A unit keeps at most min(m, 65,536) distinct values, however many images
+  there are, and in practice far fewer (the top 0.5% of a unit's values
+  spans a few thousand float16 values). A merge holds ``COUNTS_MERGE_BYTES``
+  per entry of its two inputs; when one would hold more than the budget, the
+  stage switches to:
+- **radix select** (two passes): the float16 values are mapped to
   16-bit keys in the same order (``order_keys``), and the order statistics are
-  found digit by digit. Pass 1 counts each unit's keys by their high byte
-  ((U, 256) counts summed over blocks), which gives the high byte of the keys
-  at ranks lo and lo + 1 and their ranks within that byte; pass 2 counts the
-  low bytes of just the keys with that high byte ((U, 2, 256) counts), which
-  gives the rest. The client holds 4 KiB of counts per unit whatever the
-  number of images. Error bound: zero. Two 8-bit digits cover every bit of a
-  float16 key, so the order statistics are the exact stored values and the
-  thresholds are bit-identical to the top-m merge and to ``numpy.quantile``
-  (only a -0.0 reads as +0.0, which compares equal).
+  found digit by digit, from the same per-unit key counts. Pass 1 counts each
+  unit's keys by their high byte ((U, 256) counts summed over blocks), which
+  gives the high byte of the keys at ranks lo and lo + 1 and their ranks
+  within that byte; pass 2 counts the low bytes of just the keys with that
+  high byte ((U, 2, 256) counts), which gives the rest. The client holds 4 KiB
+  of counts per unit whatever the number of images. Error bound: zero. Two
+  8-bit digits cover every bit of a float16 key, so the order statistics are
+  the exact stored values and the thresholds are bit-identical to the top-m
+  counts and to ``numpy.quantile`` (only a -0.0 reads as +0.0, which compares
+  equal).
 
 Because both methods give the same thresholds, the budget is not an input of
 the layer's stamp: changing it re-runs nothing.
 
 Output: ``layers/<layer>/thresholds.csv`` with columns ``unit, threshold``,
-``layers/<layer>/thresholds.json`` with the quantile, the method used, the top-m
-merge's peak against the budget and the counts, then the layer's stamp
+``layers/<layer>/thresholds.json`` with the quantile, the method used, the
+largest merge's peak of the top-m counts in MiB (``counts_peak_mib``; for the
+radix select, the merge that would have passed the budget) against the budget
+and the counts, then the layer's stamp
 (inputs: the quantile and the extract stage's stamp).
 """
 
@@ -43,6 +50,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -61,14 +69,19 @@ log = logging.getLogger(__name__)
 
 #: The version of this stage's output format.
 FORMAT = 1
-#: float32 copies of the (U, m) kept top m that the top-m merge holds at its peak (measured with tracemalloc).
-EXACT_PEAK_COPIES = 7
+#: Bytes a merge of the top-m counts holds at its peak per entry of its two inputs (16 bytes each, kept
+#: with the merge's temporaries; 73.6 measured with tracemalloc at 75,000-480,000 entries).
+COUNTS_MERGE_BYTES = 80
 #: The methods, as thresholds.json names them.
 METHODS = {
-    "top-m merge": "exact: each block's top m values per unit merged into the top m, one pass",
+    "top-m counts": "exact: per unit, the counts of the float16 values among each block's m largest, summed over "
+                    "blocks keeping the m largest, one pass",
     "radix select": "exact: per-unit counts of the float16 keys' high byte, then of the low byte under the "
                     "quantile's high byte, two passes; error bound zero",
 }
+#: Bits of a key (a float16 bit pattern), and the distinct keys.
+KEY_BITS = 16
+KEYS = 1 << KEY_BITS
 #: Values of one digit of a 16-bit key.
 DIGITS = 256
 
@@ -80,9 +93,13 @@ def quantile_rank(n_values: int, quantile: float) -> tuple[int, float]:
     return lo, position - lo
 
 
-def exact_peak_mib(n_units: int, m: int) -> float:
-    """MiB the top-m merge holds at its peak for U units keeping their top m values."""
-    return EXACT_PEAK_COPIES * n_units * m * 4 / 2**20
+#: (codes, counts): (E,) int64 codes unit * KEYS + key (``order_keys``), ascending, and (E,) int64 how many
+#: of the unit's values have that key.
+TopCounts = tuple[np.ndarray, np.ndarray]
+
+
+class CountsOverBudget(Exception):
+    """A merge of the top-m counts would hold more than ``thresholds.memory_mib`` (args: its peak in MiB)."""
 
 
 def block_values(store_path: str, layer: str, start: int, stop: int) -> np.ndarray:
@@ -93,16 +110,70 @@ def block_values(store_path: str, layer: str, start: int, stop: int) -> np.ndarr
     return np.moveaxis(maps, 1, 0).reshape(maps.shape[1], -1)
 
 
-def top_values(values: np.ndarray, m: int) -> np.ndarray:
-    """(U, n) values -> (U, min(m, n)) holding each row's m largest values, unordered."""
-    if values.shape[1] <= m:
-        return values
-    return np.partition(values, values.shape[1] - m, axis=1)[:, -m:]
+def unit_key_counts(values: np.ndarray) -> np.ndarray:
+    """(n,) float16 values -> (KEYS,) int64 count of each key (``order_keys``), indexed by the key.
+
+    One ``bincount`` of the raw bit patterns, read in key order through a fixed
+    permutation (-0.0 counted as +0.0, as ``order_keys`` maps it; a NaN by its
+    own bit pattern, at either end); about 10x faster than mapping every value
+    to its key first.
+    """
+    by_bits = np.bincount(values.view(np.uint16), minlength=KEYS)
+    by_bits[0] += by_bits[0x8000]
+    by_bits[0x8000] = 0
+    return by_bits[_BITS_OF_KEY]
 
 
-def block_top_values(store_path: str, layer: str, start: int, stop: int, m: int) -> np.ndarray:
-    """Top m values per unit of images start..stop of a layer's maps -> (U, <=m) float32 (invalid images left out)."""
-    return top_values(block_values(store_path, layer, start, stop).astype(np.float32), m)
+def keep_top(codes: np.ndarray, counts: np.ndarray, m: int) -> TopCounts:
+    """``TopCounts`` as two arrays -> its entries that hold each unit's m largest values.
+
+    An entry is kept when fewer than m values of its unit are larger, so the
+    kept counts of a unit sum to at least m (or to all of its values).
+    """
+    units = codes >> KEY_BITS
+    starts = np.flatnonzero(np.r_[True, units[1:] != units[:-1]])
+    suffix = np.append(np.cumsum(counts[::-1])[::-1], 0)  # the count of this entry and of every later one
+    after_unit = np.repeat(suffix[np.r_[starts[1:], len(codes)]], np.diff(np.r_[starts, len(codes)]))
+    larger = suffix[:-1] - counts - after_unit  # values of the same unit above this entry's
+    keep = larger < m
+    return codes[keep], counts[keep]
+
+
+def block_top_counts(store_path: str, layer: str, start: int, stop: int, m: int) -> TopCounts:
+    """Images start..stop of a layer's maps -> ``TopCounts`` of each unit's m largest values (invalid images left
+    out; runs on a worker)."""
+    codes, counts = [], []
+    for unit, row in enumerate(block_values(store_path, layer, start, stop)):
+        per_key = unit_key_counts(row)
+        present = np.flatnonzero(per_key)
+        codes.append(present + unit * KEYS)
+        counts.append(per_key[present])
+    return keep_top(np.concatenate(codes), np.concatenate(counts), m)
+
+
+def merge_top_counts(merged: TopCounts, part: TopCounts, m: int) -> TopCounts:
+    """Two ``TopCounts`` (as ``block_top_counts`` gives) -> those of the m largest values per unit of both together."""
+    codes, counts = np.concatenate([merged[0], part[0]]), np.concatenate([merged[1], part[1]])
+    if not len(codes):  # no valid image yet
+        return codes, counts
+    order = np.argsort(codes, kind="stable")  # two ascending runs: a linear merge
+    codes, counts = codes[order], counts[order]
+    first = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    return keep_top(codes[first], np.add.reduceat(counts, first), m)
+
+
+def keys_at_descending(codes: np.ndarray, counts: np.ndarray, n_units: int, positions: np.ndarray) -> np.ndarray:
+    """``TopCounts`` codes and counts, (R,) positions from the top (0 = largest) -> (U, R) keys there.
+
+    Every position must be below m, the number of largest values the counts keep.
+    """
+    bounds = np.searchsorted(codes >> KEY_BITS, np.arange(n_units + 1))
+    keys = np.empty((n_units, len(positions)), dtype=np.int64)
+    for unit in range(n_units):
+        span = slice(bounds[unit], bounds[unit + 1])
+        from_top = np.cumsum(counts[span][::-1])  # values at or above each entry, largest entry first
+        keys[unit] = codes[span][::-1][np.searchsorted(from_top, positions, side="right")] % KEYS
+    return keys
 
 
 def lerp(below: np.ndarray, above: np.ndarray, frac: float) -> np.ndarray:
@@ -111,12 +182,6 @@ def lerp(below: np.ndarray, above: np.ndarray, frac: float) -> np.ndarray:
     diff = above - below
     # the same two-sided formula as numpy's _lerp, so results agree to the last bit in float64
     return np.where(frac >= 0.5, above - diff * (1 - frac), below + diff * frac)
-
-
-def interpolate_threshold(top: np.ndarray, lo: int, frac: float, n_values: int) -> np.ndarray:
-    """(U, m) top values (m = n_values - lo) -> (U,) thresholds, numpy's linear interpolation between ranks lo, lo+1."""
-    ordered = np.sort(top, axis=1)
-    return lerp(ordered[:, 0], ordered[:, 1] if ordered.shape[1] > 1 else ordered[:, 0], frac)
 
 
 def order_keys(values: np.ndarray) -> np.ndarray:
@@ -131,6 +196,10 @@ def key_values(keys: np.ndarray) -> np.ndarray:
     return np.where(keys & 0x8000, keys & 0x7FFF, ~keys).astype(np.uint16).view(np.float16)
 
 
+#: The float16 bit pattern of every key, indexed by the key (what ``unit_key_counts`` reads its counts through).
+_BITS_OF_KEY = key_values(np.arange(KEYS)).view(np.uint16).astype(np.intp)
+
+
 def block_digit_counts(store_path: str, layer: str, start: int, stop: int,
                        high: np.ndarray | None) -> np.ndarray:
     """Counts of key digits per unit of images start..stop (runs on a dask worker).
@@ -138,14 +207,11 @@ def block_digit_counts(store_path: str, layer: str, start: int, stop: int,
     high None: (U, 256) counts of the keys' high bytes. high (U, R) uint8:
     (U, R, 256) counts of the low bytes of the keys whose high byte is high[u, r].
     """
-    keys = order_keys(block_values(store_path, layer, start, stop))
+    by_digits = np.stack([unit_key_counts(row).reshape(DIGITS, DIGITS)
+                          for row in block_values(store_path, layer, start, stop)])  # (U, high, low)
     if high is None:
-        return np.stack([np.bincount(row >> 8, minlength=DIGITS) for row in keys]).astype(np.int64)
-    counts = np.zeros((*high.shape, DIGITS), dtype=np.int64)
-    for unit, row in enumerate(keys):
-        for r, byte in enumerate(high[unit]):
-            counts[unit, r] = np.bincount(row[(row >> 8) == byte] & 0xFF, minlength=DIGITS)
-    return counts
+        return by_digits.sum(axis=2)
+    return np.take_along_axis(by_digits, high.astype(np.int64)[..., None], axis=1)
 
 
 def select_digit(counts: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -156,9 +222,10 @@ def select_digit(counts: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.
     return digits, ranks - before
 
 
-def merge_blocks(client: Client, task: Callable[..., np.ndarray], store_path: Path, layer: str, block_images: int,
-                 extra: tuple, combine: Callable[[np.ndarray, np.ndarray], np.ndarray], desc: str) -> np.ndarray:
-    """``task(store, layer, start, stop, *extra)`` on every block of images, combined on the client as they finish.
+def merge_blocks(client: Client, task: Callable[..., Any], store_path: Path, layer: str, block_images: int,
+                 extra: tuple, combine: Callable[[Any, Any], Any], initial: Any, desc: str) -> Any:
+    """``task(store, layer, start, stop, *extra)`` on every block of images, combined on the client as they finish
+    (``combine(merged, part)``, ``initial`` before the first block).
 
     Blocks run in a bounded window (``results_in_window``), so the block results
     waiting in the workers' memory do not grow with the number of images.
@@ -166,22 +233,38 @@ def merge_blocks(client: Client, task: Callable[..., np.ndarray], store_path: Pa
     n_images = zarr.open_group(store_path, mode="r")[layer]["maps"].shape[0]
     calls = [(str(store_path), layer, first, min(first + block_images, n_images), *extra)
              for first in range(0, n_images, block_images)]
-    merged = None
+    merged = initial
     with tqdm(total=len(calls), desc=desc, unit="block") as bar:
         for _, part in results_in_window(client, task, calls):
-            merged = part if merged is None else combine(merged, part)
+            merged = combine(merged, part)
             bar.update()
     return merged
 
 
-def top_m_thresholds(client: Client, store_path: Path, layer: str, lo: int, frac: float, n_values: int,
-                     block_images: int) -> np.ndarray:
-    """(U,) thresholds of a map layer by the top-m merge (one pass)."""
+def top_counts_thresholds(client: Client, store_path: Path, layer: str, lo: int, frac: float, n_values: int,
+                          block_images: int, memory_mib: float) -> tuple[np.ndarray, float]:
+    """(U,) thresholds of a map layer by the top-m counts (one pass), and the largest merge's peak in MiB.
+
+    Raises CountsOverBudget as soon as a merge would hold more than ``memory_mib``.
+    """
     m = n_values - lo
-    top = merge_blocks(client, block_top_values, store_path, layer, block_images, (m,),
-                       lambda merged, part: top_values(np.concatenate([merged, part], axis=1), m),
-                       f"thresholds {layer}")
-    return interpolate_threshold(top, lo, frac, n_values)
+    n_units = zarr.open_group(store_path, mode="r")[layer]["maps"].shape[1]
+    peak = 0.0
+
+    def combine(merged: TopCounts, part: TopCounts) -> TopCounts:
+        nonlocal peak
+        peak = max(peak, COUNTS_MERGE_BYTES * (len(merged[0]) + len(part[0])) / 2**20)
+        if peak > memory_mib:
+            raise CountsOverBudget(peak)
+        return merge_top_counts(merged, part, m)
+
+    empty = np.zeros(0, dtype=np.int64)
+    codes, counts = merge_blocks(client, block_top_counts, store_path, layer, block_images, (m,), combine,
+                                 (empty, empty), f"thresholds {layer}")
+    # ascending ranks lo and lo + 1 are m - 1 and m - 2 from the top
+    keys = keys_at_descending(codes, counts, n_units, np.array([m - 1, max(m - 2, 0)]))
+    values = key_values(keys)
+    return lerp(values[:, 0], values[:, 1], frac), peak
 
 
 def radix_thresholds(client: Client, store_path: Path, layer: str, lo: int, frac: float, n_values: int,
@@ -189,11 +272,11 @@ def radix_thresholds(client: Client, store_path: Path, layer: str, lo: int, frac
     """(U,) thresholds of a map layer by radix select over the float16 keys (two passes, O(U) memory)."""
     n_units = zarr.open_group(store_path, mode="r")[layer]["maps"].shape[1]
     ranks = np.broadcast_to(np.array([lo, min(lo + 1, n_values - 1)]), (n_units, 2))
-    high_counts = merge_blocks(client, block_digit_counts, store_path, layer, block_images, (None,), np.add,
+    high_counts = merge_blocks(client, block_digit_counts, store_path, layer, block_images, (None,), np.add, 0,
                                f"thresholds {layer} (pass 1 of 2)")
     high, within = select_digit(np.broadcast_to(high_counts[:, None], (n_units, 2, DIGITS)), ranks)
     low_counts = merge_blocks(client, block_digit_counts, store_path, layer, block_images, (high.astype(np.uint8),),
-                              np.add, f"thresholds {layer} (pass 2 of 2)")
+                              np.add, 0, f"thresholds {layer} (pass 2 of 2)")
     low, _ = select_digit(low_counts, within)
     values = key_values(high * DIGITS + low)
     return lerp(values[:, 0], values[:, 1], frac)
@@ -201,18 +284,26 @@ def radix_thresholds(client: Client, store_path: Path, layer: str, lo: int, frac
 
 def layer_thresholds(client: Client, store_path: Path, layer: str, quantile: float, block_images: int,
                      memory_mib: float) -> tuple[np.ndarray, dict[str, object]]:
-    """(U,) per-unit thresholds of a map layer and how they were found (the method, the top-m merge's peak)."""
+    """(U,) per-unit thresholds of a map layer and how they were found (the method, the counts' peak in MiB).
+
+    The top-m counts first; the radix select when a merge of the counts would
+    hold more than ``memory_mib`` (the same thresholds, in two more passes).
+    """
     root = zarr.open_group(store_path, mode="r")
     _, n_units, h, w = root[layer]["maps"].shape
     n_values = int(root["valid"][:].sum()) * h * w
     lo, frac = quantile_rank(n_values, quantile)
-    peak = exact_peak_mib(n_units, n_values - lo)
-    method = "top-m merge" if peak <= memory_mib else "radix select"
-    log.info("thresholds %s: %s (the top-m merge would peak at %.4g MiB; thresholds.memory_mib=%g)",
-             layer, method, peak, memory_mib)
-    compute = top_m_thresholds if method == "top-m merge" else radix_thresholds
-    thresholds = compute(client, store_path, layer, lo, frac, n_values, block_images)
-    return thresholds, {"method": method, "method_detail": METHODS[method], "top_m_peak_mib": peak,
+    try:
+        thresholds, peak = top_counts_thresholds(client, store_path, layer, lo, frac, n_values, block_images,
+                                                 memory_mib)
+        method = "top-m counts"
+        log.info("thresholds %s: top-m counts, peak %.4g MiB (thresholds.memory_mib=%g)", layer, peak, memory_mib)
+    except CountsOverBudget as over:
+        peak, method = over.args[0], "radix select"
+        log.info("thresholds %s: a merge of the top-m counts would hold %.4g MiB, over thresholds.memory_mib=%g; "
+                 "radix select instead", layer, peak, memory_mib)
+        thresholds = radix_thresholds(client, store_path, layer, lo, frac, n_values, block_images)
+    return thresholds, {"method": method, "method_detail": METHODS[method], "counts_peak_mib": peak,
                         "memory_mib": memory_mib}
 
 
