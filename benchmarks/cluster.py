@@ -14,7 +14,8 @@ process for each cluster:
 - ``2 processes``: ``cluster.processes=true cluster.n_workers=2`` (one core each).
 
 and prints each stage's images/s from the pipeline's own "stage X took N s"
-lines (model set-up and cluster start-up included). It then prints the
+lines (model set-up and cluster start-up included; each run builds its own
+mask cache in its tally stage). It then prints the
 overhead of one dask task on each cluster: the mean wall time of ``--tasks``
 empty tasks submitted and gathered one after another. The arrays and tally of
 every cluster are checked equal to the in-process run's after float16
@@ -61,6 +62,7 @@ def dissect(model: str, checkpoint: Path, probe: Path, out_dir: Path, cluster: l
     """Run the three stages in a fresh process; seconds per stage, from its log."""
     command = [sys.executable, "-m", "dissect", f"model={model}", "model.weights=null",
                f"model.checkpoint={checkpoint}", "dataset=default", f"dataset.root={probe}", f"out_dir={out_dir}",
+               f"tally.mask_cache={out_dir / 'mask_cache'}",  # each run builds its own: no run reuses another's
                f"stages=[{','.join(STAGES)}]", *cluster]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if result.returncode:
