@@ -41,8 +41,10 @@ import json
 import logging
 import shutil
 import tempfile
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -176,23 +178,21 @@ def build(broden: BrodenDataset, folder: Path, client: Client | None = None) -> 
     sizes = np.array([broden.mask_size(i) for i in range(n_images)], dtype=np.int64).reshape(n_images, 2)
     pixel_offset = np.r_[0, np.cumsum(sizes[:, 0] * sizes[:, 1])]
     dtype = np.uint16 if (sizes[:, 0] * sizes[:, 1]).max(initial=0) <= 1 << 16 else np.uint32
-    pixel_class = np.lib.format.open_memmap(folder / "pixel_class.npy", mode="w+", dtype=dtype,
-                                            shape=(int(pixel_offset[-1]),))
     class_tables: list[np.ndarray] = [np.zeros((0, 0), dtype=np.int32)] * n_images
     class_pixels: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * n_images
     whole: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * n_images
     errors: dict[int, str] = {}
-    with tqdm(total=n_images, desc="mask cache", unit="img") as bar:
+    with tqdm(total=n_images, desc="mask cache", unit="img") as bar, \
+            npy_pieces(folder / "pixel_class.npy", dtype, int(pixel_offset[-1])) as write_pixels:
         for first, decoded in _decoded_blocks(broden, client):
             for i, image in enumerate(decoded, start=first):
                 if isinstance(image, str):
                     errors[i] = image
                     continue
-                pixel_class[pixel_offset[i]:pixel_offset[i + 1]], class_tables[i], whole[i] = image
+                write_pixels(int(pixel_offset[i]), image[0])
+                class_tables[i], whole[i] = image[1], image[2]
                 class_pixels[i] = np.bincount(image[0], minlength=len(image[1]))
             bar.update(len(decoded))
-    pixel_class.flush()
-    del pixel_class
     width = max((table.shape[1] for table in class_tables), default=0)
     class_labels = np.zeros((sum(len(table) for table in class_tables), width), dtype=np.int32)
     class_offset = np.r_[0, np.cumsum([len(table) for table in class_tables])]
@@ -208,6 +208,34 @@ def build(broden: BrodenDataset, folder: Path, client: Client | None = None) -> 
     (folder / "meta.json").write_text(json.dumps({
         "format": FORMAT, "root": str(broden.root.resolve()), "images": n_images, "labels": n_labels,
         "errors": {str(i): reason for i, reason in errors.items()}}, indent=1))
+
+
+@contextmanager
+def npy_pieces(path: Path, dtype: type[np.generic], length: int) -> Iterator[Callable[[int, np.ndarray], None]]:
+    """Write the (length,) ``dtype`` .npy file ``path`` piece by piece: yields ``write(start, values)``.
+
+    Positioned writes (``os.pwrite``) rather than a memory map: a map's written
+    pages count in this process's resident memory until it is closed, where
+    written pages stay in the page cache only (the 63k Broden-scale set's 1.6 GB
+    of pixel classes: the build on its own peaked at 2.37 GB resident through a
+    map, 0.91 GB so, in the same 56-59 s). Never-written pieces read as zeros.
+    """
+    dtype_ = np.dtype(dtype)
+    with open(path, "wb") as file:
+        np.lib.format.write_array_header_1_0(file, {"descr": np.lib.format.dtype_to_descr(dtype_),
+                                                    "fortran_order": False, "shape": (length,)})
+        file.flush()
+        header = file.tell()
+        file.truncate(header + length * dtype_.itemsize)
+
+        def write(start: int, values: np.ndarray) -> None:
+            data = memoryview(np.ascontiguousarray(values, dtype=dtype_)).cast("B")
+            position = header + start * dtype_.itemsize
+            while data:
+                written = os.pwrite(file.fileno(), data, position)
+                data, position = data[written:], position + written
+
+        yield write
 
 
 def _decoded_blocks(broden: BrodenDataset, client: Client | None) -> Iterator[tuple[int, list]]:
