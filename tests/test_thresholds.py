@@ -8,8 +8,8 @@ from dissect.artifacts import read_json, read_thresholds
 from dissect.errors import ArtifactError
 from dissect.layout import RunLayout
 from dissect.errors import ConfigError
-from dissect.stages.thresholds import (KEYS, keep_top, key_values, keys_at_descending, merge_top_counts, order_keys,
-                                       quantile_rank, run, unit_key_counts)
+from dissect.stages.thresholds import (KEYS, dense_top_counts, key_values, keys_at_descending, merge_top_counts,
+                                       keys_of, order_keys, quantile_rank, run, sorted_top_counts)
 
 
 @pytest.mark.parametrize("quantile", [0.005, 0.1, 0.5, 1e-6])
@@ -98,6 +98,27 @@ def test_the_budget_picks_the_method_at_the_counts_peak_and_changes_no_stamp(tmp
         np.testing.assert_array_equal(read_thresholds(layout, "conv"), exact)
 
 
+def top_values_of(top_counts, n_units: int, m: int) -> np.ndarray:
+    """(U, m) float64: each unit's m largest values, descending, spelled out from ``TopCounts``."""
+    codes, counts = top_counts
+    rows = []
+    for unit in range(n_units):
+        mine = codes // KEYS == unit
+        spelled = np.repeat(key_values(codes[mine] % KEYS).astype(np.float64), counts[mine])
+        rows.append(np.sort(spelled)[::-1][:m])
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("n, m", [(0, 5), (1, 1), (60, 1), (60, 17), (60, 59), (60, 60), (60, 200)])
+@pytest.mark.parametrize("top_counts", [dense_top_counts, sorted_top_counts])
+def test_both_block_counts_hold_each_units_m_largest_values(n, m, top_counts):
+    rng = np.random.default_rng(n * 1000 + m)
+    values = rng.choice(np.float16([-65504, -2, -0.0, 0, 6e-8, 0.5, 1, 3, 7.5, 1000, 65504]), size=(4, n))
+    values[1] = rng.normal(size=n).astype(np.float16)  # few ties
+    expected = -np.sort(-values.astype(np.float64), axis=1)[:, :m]
+    np.testing.assert_array_equal(top_values_of(top_counts(values, m), 4, m), expected)
+
+
 def test_top_counts_merged_block_by_block_give_the_sorted_order_statistics():
     rng = np.random.default_rng(6)
     n_units, m = 3, 700
@@ -105,10 +126,8 @@ def test_top_counts_merged_block_by_block_give_the_sorted_order_statistics():
     # ties everywhere, float16's extremes; blocks smaller and larger than m, one without a valid image
     blocks = [rng.choice(values, size=(n_units, n)) for n in (0, 50, 400, 1, 900, 300)]
     merged = (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    for block in blocks:
-        codes = np.concatenate([np.flatnonzero(unit_key_counts(row)) + u * KEYS for u, row in enumerate(block)])
-        counts = np.concatenate([unit_key_counts(row)[unit_key_counts(row) > 0] for row in block])
-        merged = merge_top_counts(merged, keep_top(codes, counts, m), m)
+    for number, block in enumerate(blocks):  # the two ways of counting a block, in turn
+        merged = merge_top_counts(merged, (dense_top_counts, sorted_top_counts)[number % 2](block, m), m)
     every = np.concatenate(blocks, axis=1).astype(np.float64)
     descending = -np.sort(-every, axis=1)
     positions = np.array([0, 1, 250, m - 2, m - 1])
@@ -116,17 +135,11 @@ def test_top_counts_merged_block_by_block_give_the_sorted_order_statistics():
     np.testing.assert_array_equal(key_values(keys).astype(np.float64), descending[:, positions])
 
 
-def test_unit_key_counts_equal_counting_the_keys_of_every_value():
-    values = np.arange(2**16, dtype=np.uint16).view(np.float16)
-    values = np.repeat(values[~np.isnan(values)], np.random.default_rng(7).integers(0, 3, 2**16 - 2046))
-    expected = np.bincount(order_keys(values), minlength=2**16)  # -0.0 counted as +0.0
-    np.testing.assert_array_equal(unit_key_counts(values), expected)
-
-
 def test_order_keys_sort_like_the_float16_values_and_invert():
     values = np.arange(2**16, dtype=np.uint16).view(np.float16)
     values = values[~np.isnan(values)]
     keys = order_keys(values)
+    np.testing.assert_array_equal(keys_of(values), keys)  # the table the stage reads keys through
     order = np.argsort(keys, kind="stable")
     assert (np.diff(values[order].astype(np.float64)) >= 0).all()
     back = key_values(keys)

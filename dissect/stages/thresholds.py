@@ -12,28 +12,28 @@ find those order statistics, within the budget ``thresholds.memory_mib``:
 - **top-m counts** (one pass over the maps, tried first): each block counts,
   per unit, how often each float16 value occurs among its m largest values
   (m = n_values - lo, the number of order statistics from rank lo up): a
-  ``bincount`` of the raw 16-bit patterns, read in value order
-  (``unit_key_counts``), then the distinct values that hold those m
-  (``keep_top``). The client adds each block's counts to its own as blocks
-  finish and keeps those of the m largest values again (``merge_top_counts``);
-  the order statistics are read off the kept counts (``keys_at_descending``).
+  ``bincount`` of every unit's 16-bit keys (``dense_top_counts``) when a unit
+  has many values in the block, else the units' keys partitioned and sorted
+  into runs (``sorted_top_counts``). The client adds each block's counts to
+  its own as blocks finish and keeps those of the m largest values again
+  (``keep_top``, ``merge_top_counts``); the order statistics are read off the
+  kept counts (``keys_at_descending``).
   A unit keeps at most min(m, 65,536) distinct values, however many images
   there are, and in practice far fewer (the top 0.5% of a unit's values
   spans a few thousand float16 values). A merge holds ``COUNTS_MERGE_BYTES``
   per entry of its two inputs; when one would hold more than the budget, the
   stage switches to:
-- **radix select** (two passes): the float16 values are mapped to
-  16-bit keys in the same order (``order_keys``), and the order statistics are
-  found digit by digit, from the same per-unit key counts. Pass 1 counts each
-  unit's keys by their high byte ((U, 256) counts summed over blocks), which
-  gives the high byte of the keys at ranks lo and lo + 1 and their ranks
-  within that byte; pass 2 counts the low bytes of just the keys with that
-  high byte ((U, 2, 256) counts), which gives the rest. The client holds 4 KiB
-  of counts per unit whatever the number of images. Error bound: zero. Two
-  8-bit digits cover every bit of a float16 key, so the order statistics are
-  the exact stored values and the thresholds are bit-identical to the top-m
-  counts and to ``numpy.quantile`` (only a -0.0 reads as +0.0, which compares
-  equal).
+- **radix select** (two passes): the float16 values are mapped to 16-bit keys
+  in the same order (``order_keys``), and the order statistics are found digit
+  by digit. Pass 1 counts each unit's keys by their high byte ((U, 256) counts
+  summed over blocks), which gives the high byte of the keys at ranks lo and
+  lo + 1 and their ranks within that byte; pass 2 counts the low bytes of just
+  the keys with that high byte ((U, 2, 256) counts), which gives the rest. The
+  client holds 4 KiB of counts per unit whatever the number of images. Error
+  bound: zero. Two 8-bit digits cover every bit of a float16 key, so the order
+  statistics are the exact stored values and the thresholds are bit-identical
+  to the top-m counts and to ``numpy.quantile`` (only a -0.0 reads as +0.0,
+  which compares equal).
 
 Because both methods give the same thresholds, the budget is not an input of
 the layer's stamp: changing it re-runs nothing.
@@ -79,6 +79,8 @@ METHODS = {
     "radix select": "exact: per-unit counts of the float16 keys' high byte, then of the low byte under the "
                     "quantile's high byte, two passes; error bound zero",
 }
+#: Values per unit of a block from which ``dense_top_counts`` (65,536 bins a unit) beats ``sorted_top_counts``.
+DENSE_MIN_VALUES = 1 << 15
 #: Bits of a key (a float16 bit pattern), and the distinct keys.
 KEY_BITS = 16
 KEYS = 1 << KEY_BITS
@@ -110,20 +112,6 @@ def block_values(store_path: str, layer: str, start: int, stop: int) -> np.ndarr
     return np.moveaxis(maps, 1, 0).reshape(maps.shape[1], -1)
 
 
-def unit_key_counts(values: np.ndarray) -> np.ndarray:
-    """(n,) float16 values -> (KEYS,) int64 count of each key (``order_keys``), indexed by the key.
-
-    One ``bincount`` of the raw bit patterns, read in key order through a fixed
-    permutation (-0.0 counted as +0.0, as ``order_keys`` maps it; a NaN by its
-    own bit pattern, at either end); about 10x faster than mapping every value
-    to its key first.
-    """
-    by_bits = np.bincount(values.view(np.uint16), minlength=KEYS)
-    by_bits[0] += by_bits[0x8000]
-    by_bits[0x8000] = 0
-    return by_bits[_BITS_OF_KEY]
-
-
 def keep_top(codes: np.ndarray, counts: np.ndarray, m: int) -> TopCounts:
     """``TopCounts`` as two arrays -> its entries that hold each unit's m largest values.
 
@@ -139,16 +127,58 @@ def keep_top(codes: np.ndarray, counts: np.ndarray, m: int) -> TopCounts:
     return codes[keep], counts[keep]
 
 
-def block_top_counts(store_path: str, layer: str, start: int, stop: int, m: int) -> TopCounts:
-    """Images start..stop of a layer's maps -> ``TopCounts`` of each unit's m largest values (invalid images left
-    out; runs on a worker)."""
+def keys_of(values: np.ndarray) -> np.ndarray:
+    """float16 values (any shape) -> their uint16 keys, ``order_keys`` through a table of every bit pattern."""
+    return _KEY_OF_BITS[values.view(np.uint16)]
+
+
+def dense_top_counts(values: np.ndarray, m: int) -> TopCounts:
+    """(U, n) float16 values -> ``TopCounts`` of each row's m largest, by a ``bincount`` of every row.
+
+    Each row's raw bit patterns are counted, and the 65,536 counts read in key
+    order (cheaper than mapping every value to its key first). Costs about 2 ns
+    per value plus 0.3 ms per row (its 65,536 bins).
+    """
     codes, counts = [], []
-    for unit, row in enumerate(block_values(store_path, layer, start, stop)):
-        per_key = unit_key_counts(row)
+    for unit, row in enumerate(values.view(np.uint16)):
+        per_bits = np.bincount(row, minlength=KEYS)
+        per_bits[0] += per_bits[0x8000]  # -0.0 counts as +0.0, as order_keys maps it
+        per_bits[0x8000] = 0
+        per_key = per_bits[_BITS_OF_KEY]
         present = np.flatnonzero(per_key)
         codes.append(present + unit * KEYS)
         counts.append(per_key[present])
     return keep_top(np.concatenate(codes), np.concatenate(counts), m)
+
+
+def sorted_top_counts(values: np.ndarray, m: int) -> TopCounts:
+    """(U, n) float16 values -> ``TopCounts`` of each row's m largest, by partitioning and sorting their keys.
+
+    Costs about 15 ns per value kept (numpy sorts 16-bit keys by radix) and
+    nothing per row. When m < n a row keeps exactly m values: ties at the cut
+    are counted only as far as they reach the m largest, which is all a merge
+    needs (every value among the m largest of all blocks is among the m
+    largest of its own block).
+    """
+    keys = keys_of(values)
+    n = keys.shape[1]
+    if m < n:
+        keys = np.partition(keys, n - m, axis=1)[:, n - m:]
+    ordered = np.sort(keys, axis=1, kind="stable")
+    starts = np.ones(ordered.shape, dtype=bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    units, columns = np.nonzero(starts)  # the first value of every run of equal keys, row by row
+    ends = np.append(columns[1:], 0)
+    ends[np.append(units[1:] != units[:-1], True)] = ordered.shape[1]  # a row's last run ends with the row
+    return units.astype(np.int64) * KEYS + ordered[units, columns], (ends - columns).astype(np.int64)
+
+
+def block_top_counts(store_path: str, layer: str, start: int, stop: int, m: int) -> TopCounts:
+    """Images start..stop of a layer's maps -> ``TopCounts`` of each unit's m largest values (invalid images left
+    out; runs on a worker): ``dense_top_counts`` when a unit has at least ``DENSE_MIN_VALUES`` values in the
+    block, else ``sorted_top_counts`` (both give the same m largest values)."""
+    values = block_values(store_path, layer, start, stop)
+    return (dense_top_counts if values.shape[1] >= DENSE_MIN_VALUES else sorted_top_counts)(values, m)
 
 
 def merge_top_counts(merged: TopCounts, part: TopCounts, m: int) -> TopCounts:
@@ -196,7 +226,10 @@ def key_values(keys: np.ndarray) -> np.ndarray:
     return np.where(keys & 0x8000, keys & 0x7FFF, ~keys).astype(np.uint16).view(np.float16)
 
 
-#: The float16 bit pattern of every key, indexed by the key (what ``unit_key_counts`` reads its counts through).
+with np.errstate(invalid="ignore"):  # NaN + 0.0
+    #: The key of every float16 bit pattern, indexed by the pattern (``order_keys`` of every float16).
+    _KEY_OF_BITS = order_keys(np.arange(KEYS, dtype=np.uint16).view(np.float16))
+#: The float16 bit pattern of every key, indexed by the key (-0.0's own key, 0x7FFF, is never given).
 _BITS_OF_KEY = key_values(np.arange(KEYS)).view(np.uint16).astype(np.intp)
 
 
@@ -207,11 +240,14 @@ def block_digit_counts(store_path: str, layer: str, start: int, stop: int,
     high None: (U, 256) counts of the keys' high bytes. high (U, R) uint8:
     (U, R, 256) counts of the low bytes of the keys whose high byte is high[u, r].
     """
-    by_digits = np.stack([unit_key_counts(row).reshape(DIGITS, DIGITS)
-                          for row in block_values(store_path, layer, start, stop)])  # (U, high, low)
+    keys = keys_of(block_values(store_path, layer, start, stop))
     if high is None:
-        return by_digits.sum(axis=2)
-    return np.take_along_axis(by_digits, high.astype(np.int64)[..., None], axis=1)
+        return np.stack([np.bincount(row >> 8, minlength=DIGITS) for row in keys]).astype(np.int64)
+    counts = np.zeros((*high.shape, DIGITS), dtype=np.int64)
+    for unit, row in enumerate(keys):
+        for r, byte in enumerate(high[unit]):
+            counts[unit, r] = np.bincount(row[(row >> 8) == byte] & 0xFF, minlength=DIGITS)
+    return counts
 
 
 def select_digit(counts: np.ndarray, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
