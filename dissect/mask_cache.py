@@ -39,9 +39,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
-import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager

@@ -12,9 +12,10 @@ find those order statistics, within the budget ``thresholds.memory_mib``:
 - **top-m counts** (one pass over the maps, tried first): each block counts,
   per unit, how often each float16 value occurs among its m largest values
   (m = n_values - lo, the number of order statistics from rank lo up): a
-  ``bincount`` of every unit's 16-bit keys (``dense_top_counts``) when a unit
-  has many values in the block, else the units' keys partitioned and sorted
-  into runs (``sorted_top_counts``). The client adds each block's counts to
+  ``bincount`` of every unit's raw float16 bit patterns, read back in key
+  order (``dense_top_counts``) when a unit has many values in the block,
+  else the units' keys partitioned and sorted into runs
+  (``sorted_top_counts``). The client adds each block's counts to
   its own as blocks finish and keeps those of the m largest values again
   (``keep_top``, ``merge_top_counts``); the order statistics are read off the
   kept counts (``keys_at_descending``).
