@@ -64,6 +64,7 @@ from tqdm import tqdm
 from zarr.codecs import BloscCodec
 
 from dissect.artifacts import read_json, write_json_atomic
+from dissect.chunk_files import ChunkFiles
 from dissect.cluster import (
     check_worker_paths,
     dask_client,
@@ -343,7 +344,7 @@ def extract_shard(job: ShardJob, chunks: list[int], n_images: int) -> str:
                for span in [chunk_images(chunk, job.chunk_len, n_images)] for i in range(0, len(span), job.batch_size)]
     autocast = torch.autocast("cuda", dtype=torch.float16, enabled=state.device.type == "cuda" and job.amp)
     root = zarr.open_group(job.store, mode="r+")
-    arrays = {f"{spec.name}/{name}": _chunk_writer(root[spec.name][name]) for spec in job.specs
+    arrays = {f"{spec.name}/{name}": ChunkFiles(root[spec.name][name]) for spec in job.specs
               for name in spec.arrays()}
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer")
     pending: list[Future] = []
@@ -365,7 +366,7 @@ def extract_shard(job: ShardJob, chunks: list[int], n_images: int) -> str:
                 span = chunk_images(chunk, job.chunk_len, n_images)
                 if buffer.images == len(span):
                     chunk_rows, chunk_failures = buffer.take()
-                    pending.append(writer.submit(write_chunk, arrays, chunk_rows, span.start,
+                    pending.append(writer.submit(write_chunk, arrays, chunk_rows, chunk, span.start,
                                                  markers / chunk_marker_name(chunk), chunk_failures))
                     pending = _bound_pending(pending)
         for future in pending:
@@ -440,11 +441,14 @@ class ChunkBuffer:
         return chunk
 
 
-def write_chunk(arrays: dict[str, zarr.Array], rows: dict[str, np.ndarray], begin: int, marker: Path,
+def write_chunk(arrays: dict[str, ChunkFiles], rows: dict[str, np.ndarray], chunk: int, begin: int, marker: Path,
                 failures: dict[int, str]) -> None:
-    """Write one chunk of every array whole, then its marker (with the chunk's unreadable images)."""
+    """Write chunk ``chunk`` (its first image ``begin``) of every array whole, then its marker.
+
+    The marker holds the chunk's unreadable images.
+    """
     for key, values in rows.items():
-        arrays[key][begin:begin + len(values)] = values
+        arrays[key].write(chunk, values)
     write_json_atomic(marker, {"images": [begin, begin + len(next(iter(rows.values())))],
                                "failures": {str(i): e for i, e in sorted(failures.items())},
                                "host": socket.gethostname(), "pid": os.getpid()})
@@ -515,26 +519,22 @@ def loader_workers(requested: int | str, device: torch.device) -> int:
 
 
 def _layer_rows(spec: LayerSpec, output: torch.Tensor, failed: np.ndarray) -> dict[str, np.ndarray]:
-    """A layer's float16 output for one batch -> rows of each of its arrays (zeros for failed images)."""
-    values = output.detach().to("cpu", torch.float16)
+    """A layer's float16 output for one batch -> C-order rows of each of its arrays (zeros for failed images).
+
+    The model runs channels-last, so a map comes (n, U, h, w) with its units
+    innermost in memory; it is made C-order here by torch, on the model's
+    device and threads (about 0.04 ms per embedded-model image), because zarr
+    would otherwise transpose every chunk in the writer thread (its writes
+    cost 0.36-0.48 ms of CPU per image so, 0.21-0.25 in C order; README,
+    "Tests and benchmarks", the extract paragraph).
+    """
+    values = output.detach().to(torch.float16).contiguous().to("cpu")
     if failed.any():
         values[torch.from_numpy(failed)] = 0
     if spec.kind == "vector":
         return {"activations": values.reshape(len(values), -1).numpy()}
     # torch's maximum of the float16 maps, exactly numpy's, at a tenth of its cost
     return {"maps": values.numpy(), "maxima": values.amax(dim=(2, 3)).float().numpy()}
-
-
-def _chunk_writer(array: zarr.Array) -> zarr.Array:
-    """``array``, writing every chunk as it comes.
-
-    By default zarr first compares each chunk with the fill value, to skip
-    storing one that holds nothing else; for float16 maps that comparison costs
-    twice the compression (extract writes each chunk once, whole, so it gains
-    nothing). Reading gives the same values either way.
-    """
-    with_config = getattr(array, "with_config", None)  # newer zarr 3 releases
-    return with_config({"write_empty_chunks": True}) if with_config else array
 
 
 def _bound_pending(pending: list[Future]) -> list[Future]:
