@@ -523,10 +523,10 @@ def _layer_rows(spec: LayerSpec, output: torch.Tensor, failed: np.ndarray) -> di
 
     The model runs channels-last, so a map comes (n, U, h, w) with its units
     innermost in memory; it is made C-order here by torch, on the model's
-    device and threads (about 0.04 ms per embedded-model image), because zarr
-    would otherwise transpose every chunk in the writer thread (its writes
-    cost 0.36-0.48 ms of CPU per image so, 0.21-0.25 in C order; README,
-    "Tests and benchmarks", the extract paragraph).
+    device and threads (about 0.04 ms per embedded-model image), because the
+    writer thread would otherwise transpose every chunk before compressing it
+    (zarr's writes cost 0.36-0.48 ms of CPU per image so, 0.21-0.25 in C
+    order; README, "Tests and benchmarks", the extract paragraph).
     """
     values = output.detach().to(torch.float16).contiguous().to("cpu")
     if failed.any():
